@@ -1,0 +1,352 @@
+//! One client, one backend, two directions: the lifecycle of a proxied
+//! connection, read top to bottom.
+//!
+//! ```text
+//!  accept ──► Connecting ──(writable, no error)──► Relaying ──► Finished
+//!                 │                                   │
+//!                 └──(refused / failed)───────────────┴──(error)──► Finished
+//! ```
+//!
+//! Each socket is closed as soon as both of its directions are done:
+//! the client when it has sent EOF (or failed) and everything bound for it
+//! was delivered; the backend likewise. An error on one socket aborts the
+//! direction into it, and the direction out of it too unless that stream
+//! was already complete (EOF seen): a cut-short stream is never passed on
+//! as a complete one, so its receiver is reset rather than shut down.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::config::show_size;
+use crate::relay::{Culprit, Direction, Flow, Pumped, pump};
+use crate::spill::SpillBuffer;
+use crate::stats::Stats;
+
+/// Which socket of the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        })
+    }
+}
+
+/// What the event loop should do with the connection after a turn.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Waiting for readiness.
+    Waiting,
+    /// Work is left: run another turn soon, without waiting for an event.
+    Busy,
+    /// Both sockets are closed; drop it.
+    Finished,
+}
+
+/// The log prefix every line about one connection carries.
+pub struct Id(pub u64);
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[conn {}]", self.0)
+    }
+}
+
+pub struct Connection {
+    pub id: Id,
+    client: Option<TcpStream>,
+    client_addr: SocketAddr,
+    backend: Option<TcpStream>,
+    backend_addr: SocketAddr,
+    /// The backend's non-blocking connect has completed.
+    connected: bool,
+    up: Direction,
+    down: Direction,
+    opened: Instant,
+    backend_connected_at: Option<Instant>,
+    backend_held: Option<Duration>,
+    /// The first thing that went wrong, for the close summary.
+    trouble: Option<String>,
+    /// The spill warning was logged for (up, down).
+    spill_warned: (bool, bool),
+}
+
+/// How a connection's buffers are sized and where they spill.
+pub struct BufferPlan {
+    pub memory: usize,
+    pub max_spill: u64,
+    pub temp_dir: std::sync::Arc<std::path::Path>,
+}
+
+impl BufferPlan {
+    fn buffer(&self) -> SpillBuffer {
+        SpillBuffer::new(self.memory, self.max_spill, self.temp_dir.clone())
+    }
+}
+
+impl Connection {
+    /// Take an accepted client and start connecting to `backend_addr`.
+    /// Both sockets are registered once, for reading and writing, and stay
+    /// so: readiness is remembered in the directions, not re-armed.
+    pub fn open(
+        id: u64,
+        client: TcpStream,
+        client_addr: SocketAddr,
+        backend_addr: SocketAddr,
+        plan: &BufferPlan,
+        registry: &Registry,
+        tokens: (Token, Token),
+    ) -> io::Result<Connection> {
+        let mut client = client;
+        // Relayed bytes are already batched by the peers; Nagle would only
+        // add latency to the last segment of each burst.
+        client.set_nodelay(true)?;
+        let mut backend = TcpStream::connect(backend_addr)?;
+        let both = Interest::READABLE | Interest::WRITABLE;
+        registry.register(&mut client, tokens.0, both)?;
+        registry.register(&mut backend, tokens.1, both)?;
+        Ok(Connection {
+            id: Id(id),
+            client: Some(client),
+            client_addr,
+            backend: Some(backend),
+            backend_addr,
+            connected: false,
+            up: Direction::new("client->backend", plan.buffer()),
+            down: Direction::new("backend->client", plan.buffer()),
+            opened: Instant::now(),
+            backend_connected_at: None,
+            backend_held: None,
+            trouble: None,
+            spill_warned: (false, false),
+        })
+    }
+
+    /// Note what an event says about a socket. Errors and hang-ups count as
+    /// readiness too: the next read or write reports them.
+    pub fn on_event(&mut self, side: Side, event: &mio::event::Event) {
+        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+        let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+        match side {
+            Side::Client => {
+                self.up.src_ready |= readable;
+                self.down.dst_ready |= writable;
+            }
+            Side::Backend if !self.connected => {
+                if writable || readable {
+                    self.finish_connect();
+                }
+            }
+            Side::Backend => {
+                self.down.src_ready |= readable;
+                self.up.dst_ready |= writable;
+            }
+        }
+    }
+
+    /// A non-blocking connect is done when the socket turns writable; then
+    /// `take_error` tells whether it failed, and `peer_addr` whether it
+    /// really connected (a spurious wake-up leaves it `NotConnected`).
+    fn finish_connect(&mut self) {
+        let Some(backend) = &self.backend else { return };
+        let outcome = match backend.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match backend.peer_addr() {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => Err(e),
+            },
+        };
+        match outcome.and_then(|()| backend.set_nodelay(true)) {
+            Ok(()) => {
+                self.connected = true;
+                self.backend_connected_at = Some(Instant::now());
+                self.up.dst_ready = true;
+                self.down.src_ready = true;
+                log::debug!("{} connected to backend {}", self.id, self.backend_addr);
+            }
+            Err(e) => {
+                log::warn!(
+                    "{} backend {}: connect failed: {e}; closing client {}",
+                    self.id,
+                    self.backend_addr,
+                    self.client_addr
+                );
+                self.fail(Side::Backend, format!("backend connect failed: {e}"));
+            }
+        }
+    }
+
+    /// Run both directions as far as readiness allows, then close what is
+    /// finished.
+    pub fn drive(&mut self, registry: &Registry, scratch: &mut [u8], stats: &Stats) -> Status {
+        let backend = self.backend.as_ref().filter(|_| self.connected);
+        let up = pump(&mut self.up, self.client.as_ref(), backend, scratch);
+        let down = pump(&mut self.down, backend, self.client.as_ref(), scratch);
+        let busy = matches!(up, Pumped::MoreWork) || matches!(down, Pumped::MoreWork);
+        self.warn_on_first_spill();
+        self.handle_failure(up, (Side::Client, Side::Backend));
+        self.handle_failure(down, (Side::Backend, Side::Client));
+        self.close_finished_sockets(registry);
+        if self.client.is_none() && self.backend.is_none() {
+            self.log_summary();
+            stats.record_close(self.up.buf.spilled_total() + self.down.buf.spilled_total());
+            Status::Finished
+        } else if busy {
+            Status::Busy
+        } else {
+            Status::Waiting
+        }
+    }
+
+    fn handle_failure(&mut self, pumped: Pumped, (sender, receiver): (Side, Side)) {
+        let Pumped::Failed(culprit, err) = pumped else {
+            return;
+        };
+        let side = match culprit {
+            Culprit::Sender => sender,
+            Culprit::Receiver => receiver,
+            Culprit::SpillFile => {
+                let dir = if sender == Side::Client {
+                    &self.up
+                } else {
+                    &self.down
+                };
+                log::error!(
+                    "{} {}: spill file in {} failed: {err}; closing the connection",
+                    self.id,
+                    dir.label,
+                    dir.buf.temp_dir().display()
+                );
+                self.trouble
+                    .get_or_insert(format!("spill file failed: {err}"));
+                self.up.abort();
+                self.down.abort();
+                return;
+            }
+        };
+        let peer = match side {
+            Side::Client => self.client_addr,
+            Side::Backend => self.backend_addr,
+        };
+        if is_normal_close(&err) {
+            log::debug!("{} {side} {peer} closed abruptly: {err}", self.id);
+        } else {
+            log::error!("{} {side} {peer} failed: {err}", self.id);
+        }
+        self.fail(side, format!("{side} {}", describe(&err)));
+    }
+
+    /// `side`'s socket is unusable. Abort what was going to it; abort what
+    /// was coming from it unless that stream had already ended cleanly, in
+    /// which case it is still delivered to the other side.
+    fn fail(&mut self, side: Side, why: String) {
+        self.trouble.get_or_insert(why);
+        let (into, out_of) = match side {
+            Side::Client => (&mut self.down, &mut self.up),
+            Side::Backend => (&mut self.up, &mut self.down),
+        };
+        into.abort();
+        if out_of.flow == Flow::Open {
+            out_of.abort();
+        }
+    }
+
+    /// A socket is closed once nothing more will be read from it or written
+    /// to it. If the stream into it was aborted, it is reset (linger 0) so
+    /// the peer cannot take a truncated stream for a complete one.
+    fn close_finished_sockets(&mut self, registry: &Registry) {
+        if self.up.src_done() && self.down.dst_done() {
+            if let Some(client) = self.client.take() {
+                close(registry, client, self.down.flow == Flow::Aborted);
+            }
+        }
+        if self.down.src_done() && self.up.dst_done() {
+            if let Some(backend) = self.backend.take() {
+                close(registry, backend, self.up.flow == Flow::Aborted);
+                self.backend_held = self.backend_connected_at.map(|t| t.elapsed());
+            }
+        }
+    }
+
+    /// The operator's cue to tune `--memory-buffer`: once per direction.
+    fn warn_on_first_spill(&mut self) {
+        let directions = [
+            (&self.up, &mut self.spill_warned.0),
+            (&self.down, &mut self.spill_warned.1),
+        ];
+        for (dir, warned) in directions {
+            if dir.buf.has_spilled() && !*warned {
+                *warned = true;
+                log::warn!(
+                    "{} {} spilling to disk: client={} backend={} more than memory_buffer={} waiting; spill file in {} (raise --memory-buffer to keep more in memory)",
+                    self.id,
+                    dir.label,
+                    self.client_addr,
+                    self.backend_addr,
+                    show_size(dir.buf.memory_limit() as u64),
+                    dir.buf.temp_dir().display()
+                );
+            }
+        }
+    }
+
+    fn log_summary(&self) {
+        let reason = self.trouble.as_deref().unwrap_or("done");
+        log::info!(
+            "{} closed client={} backend={} up_bytes={} down_bytes={} up_spilled={} down_spilled={} dropped={} backend_held={:.3}s duration={:.3}s reason={}",
+            self.id,
+            self.client_addr,
+            self.backend_addr,
+            self.up.bytes_out,
+            self.down.bytes_out,
+            self.up.buf.spilled_total(),
+            self.down.buf.spilled_total(),
+            self.up.bytes_dropped + self.down.bytes_dropped,
+            self.backend_held.unwrap_or_default().as_secs_f64(),
+            self.opened.elapsed().as_secs_f64(),
+            reason
+        );
+    }
+}
+
+fn close(registry: &Registry, mut stream: TcpStream, reset: bool) {
+    if reset {
+        // Best effort: the socket may already be dead, and then the peer
+        // knows anyway.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    if let Err(e) = registry.deregister(&mut stream) {
+        log::debug!("deregister on close: {e}");
+    }
+}
+
+/// Resets and broken pipes are how peers end connections every day.
+fn is_normal_close(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+    )
+}
+
+fn describe(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::ConnectionReset => "reset".to_string(),
+        io::ErrorKind::BrokenPipe => "closed (broken pipe)".to_string(),
+        _ => format!("error: {err}"),
+    }
+}

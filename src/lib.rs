@@ -1,0 +1,26 @@
+//! spillway: a reverse proxy and TCP load balancer that holds what a slow
+//! receiver cannot take yet in memory, then in an unnamed temporary file,
+//! so the sender (usually a backend with few workers) is released at once.
+//!
+//! The binary is a thin command line over this library; tests, benches and
+//! `spillway demo` drive the proxy in-process through [`Proxy`].
+
+pub mod config;
+pub mod connection;
+pub mod demo;
+pub mod event_loop;
+pub mod logging;
+pub mod relay;
+pub mod spill;
+pub mod stats;
+
+pub use config::{Config, ConfigError};
+pub use event_loop::{Proxy, Stopper};
+
+/// Bind, stop on SIGINT/SIGTERM, and serve until then.
+pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let mut proxy = Proxy::bind(config)?;
+    proxy.stop_on_signals()?;
+    proxy.run()?;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The command line: parse flags, set up logging, hand over to the library,
+//! and turn what went wrong into one line on stderr and an exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand};
+
+use spillway::config::{self, Config, parse_addr, parse_size};
+use spillway::demo::{self, DemoOptions};
+use spillway::logging::{self, LevelFilter, parse_level};
+
+const EXAMPLES: &str = "\
+Examples:
+  spillway --listen 0.0.0.0:8080 --backend 10.0.0.5:9000
+  spillway --listen [::]:8080 --backend app1:9000 --backend app2:9000 \\
+           --memory-buffer 256KiB --max-spill 4GiB --temp-dir /var/cache/spillway
+  spillway demo                       see what it is for, on loopback
+
+SIZE is a byte count with an optional unit: 4096, 64KiB, 1MiB, 10MB, 1GiB.
+ADDR is host:port: an IPv4 address, [IPv6], or a name resolved at start.";
+
+/// A TCP reverse proxy that buffers what slow clients cannot take yet in
+/// memory, then on disk, so backends are released as soon as they are done.
+#[derive(Parser, Debug)]
+#[command(
+    name = "spillway",
+    version,
+    after_help = EXAMPLES,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    /// Address to accept clients on, e.g. 0.0.0.0:8080
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr, required = true)]
+    listen: Option<SocketAddr>,
+
+    /// Backend to relay to, e.g. 10.0.0.5:9000; repeat for several
+    /// (connections go round-robin)
+    #[arg(long = "backend", value_name = "ADDR", value_parser = parse_addr, required = true)]
+    backends: Vec<SocketAddr>,
+
+    /// In-memory bytes per direction per connection before spilling to disk
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
+    memory_buffer: u64,
+
+    /// Bytes waiting on disk per direction per connection; past it, stop
+    /// reading from the sender until the receiver catches up
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
+    max_spill: u64,
+
+    /// Where spill files are created (unnamed: never visible there)
+    /// [default: the system temp dir, $TMPDIR or /tmp]
+    #[arg(long, value_name = "DIR")]
+    temp_dir: Option<PathBuf>,
+
+    /// error|warn|info|debug|trace
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level, default_value = "info", global = true)]
+    log_level: LevelFilter,
+
+    /// Log to this file instead of stderr (appended to)
+    #[arg(long, value_name = "PATH", global = true)]
+    log_file: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show on loopback what spillway is for: a backend writes a response,
+    /// a slow client reads it, with and without spillway in between
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Bytes the built-in backend writes
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32MiB")]
+    size: u64,
+
+    /// Bytes per second the client reads
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
+    rate: u64,
+
+    /// The proxy's in-memory bytes per direction before spilling
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
+    memory_buffer: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("spillway: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = logging::init(cli.log_level, cli.log_file.as_deref()) {
+        let path = cli.log_file.as_deref().unwrap_or("stderr".as_ref());
+        eprintln!("spillway: --log-file: cannot open {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    match cli.command {
+        Some(Command::Demo(args)) => {
+            if cli.listen.is_some() || !cli.backends.is_empty() || cli.temp_dir.is_some() {
+                eprintln!(
+                    "spillway: demo: --listen, --backend and --temp-dir are the proxy's flags; the demo sets up its own"
+                );
+                return ExitCode::from(2);
+            }
+            run_demo(args)
+        }
+        None => serve(cli),
+    }
+}
+
+fn serve(cli: Cli) -> ExitCode {
+    let config = Config {
+        listen: cli.listen.expect("clap requires --listen"),
+        backends: cli.backends,
+        memory_buffer: cli.memory_buffer,
+        max_spill: cli.max_spill,
+        temp_dir: cli.temp_dir.unwrap_or_else(std::env::temp_dir),
+    };
+    let logs_elsewhere = cli.log_file.is_some();
+    match spillway::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Always on stderr: when the process will not start, that is
+            // where the operator looks; in the log file too if there is one.
+            if logs_elsewhere {
+                log::error!("{e}");
+            }
+            eprintln!("spillway: {e}");
+            if e.is::<config::ConfigError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run_demo(args: DemoArgs) -> ExitCode {
+    if args.rate == 0 || args.size == 0 {
+        eprintln!("spillway: demo: --size and --rate must be above zero");
+        return ExitCode::from(2);
+    }
+    let opts = DemoOptions {
+        size: args.size,
+        rate: args.rate,
+        memory_buffer: args.memory_buffer,
+    };
+    match demo::run(&opts) {
+        Ok(report) if report.direct.bytes_ok && report.proxied.bytes_ok => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("spillway: demo: a client got different bytes than the backend sent");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("spillway: demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// clap's message without its usage and tip lines, folded onto one line:
+/// "error: invalid value 'x' for '--memory-buffer <SIZE>': 'x' is not a size: ..."
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .take_while(|line| !line.trim().is_empty() && !line.starts_with("Usage:"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}

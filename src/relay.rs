@@ -1,0 +1,284 @@
+//! One direction of a relay, and the one pump that moves its bytes.
+//!
+//! The same `pump` serves client->backend and backend->client: it takes a
+//! `Direction` (the buffer, the remembered readiness of both ends, where
+//! the stream is in its life) and the two ends as plain `Read`/`Write`.
+//! It knows nothing of mio or of which peer is which; the connection
+//! decides what a failure means.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use crate::spill::{Drain, Fill, SpillBuffer};
+
+/// Syscalls one `pump` call may make before it yields, so that one busy
+/// connection cannot starve the others and a bug cannot become a spin.
+/// With 64KiB reads that is up to 2MiB moved per turn.
+pub const OPS_PER_PUMP: usize = 32;
+
+/// Where the stream of one direction is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Reading from the sender, writing to the receiver.
+    Open,
+    /// The sender sent EOF; what is held is still being delivered.
+    Draining,
+    /// Everything was delivered and the receiver's write half shut.
+    Closed,
+    /// Given up: the receiver is gone or the stream was cut short.
+    Aborted,
+}
+
+/// The end of a direction that gets the bytes: it can also be told that
+/// no more will come.
+pub trait Receiver: Write {
+    fn close_write(&mut self) -> io::Result<()>;
+}
+
+impl Receiver for &mio::net::TcpStream {
+    fn close_write(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl<T: Receiver + ?Sized> Receiver for &mut T {
+    fn close_write(&mut self) -> io::Result<()> {
+        (**self).close_write()
+    }
+}
+
+/// Which end a failure came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Culprit {
+    Sender,
+    Receiver,
+    SpillFile,
+}
+
+/// What one turn of the pump came to.
+#[derive(Debug)]
+pub enum Pumped {
+    /// Nothing more can happen until an end becomes ready again.
+    Idle,
+    /// The turn's budget ran out with work left: come back without an event.
+    MoreWork,
+    /// An end failed; the direction is left as it was for the caller to judge.
+    Failed(Culprit, io::Error),
+}
+
+pub struct Direction {
+    /// "client->backend" or "backend->client": also a log prefix.
+    pub label: &'static str,
+    pub buf: SpillBuffer,
+    pub flow: Flow,
+    /// The sender may have bytes or an EOF we have not read. Set by a
+    /// readable event, cleared only by `WouldBlock`: while it is set and we
+    /// stop for backpressure, we come back to it ourselves when room frees.
+    pub src_ready: bool,
+    /// The receiver may take bytes; set by a writable event, cleared by
+    /// `WouldBlock`.
+    pub dst_ready: bool,
+    /// Bytes taken from the sender.
+    pub bytes_in: u64,
+    /// Bytes handed to the receiver.
+    pub bytes_out: u64,
+    /// Bytes thrown away when the direction was aborted.
+    pub bytes_dropped: u64,
+}
+
+impl Direction {
+    pub fn new(label: &'static str, buf: SpillBuffer) -> Self {
+        Direction {
+            label,
+            buf,
+            flow: Flow::Open,
+            src_ready: false,
+            dst_ready: false,
+            bytes_in: 0,
+            bytes_out: 0,
+            bytes_dropped: 0,
+        }
+    }
+
+    /// No more will be read from the sender.
+    pub fn src_done(&self) -> bool {
+        self.flow != Flow::Open
+    }
+
+    /// No more will be written to the receiver.
+    pub fn dst_done(&self) -> bool {
+        matches!(self.flow, Flow::Closed | Flow::Aborted)
+    }
+
+    /// Give up on this stream: drop what is held and free its disk space.
+    pub fn abort(&mut self) {
+        if !self.dst_done() {
+            self.bytes_dropped += self.buf.discard();
+            self.flow = Flow::Aborted;
+        }
+    }
+}
+
+/// Move bytes from `src` to `dst` until neither end can go on or the turn's
+/// budget is spent. `dst` is `None` while the receiver is not connected yet:
+/// bytes are then only taken in (memory, then disk).
+///
+/// The order inside a turn is the spill ladder: first hand over what is
+/// held (that frees memory), then pass on an EOF once everything is
+/// delivered, then take more: into memory while it has room, else onto
+/// disk while under `--max-spill`, else not at all (backpressure).
+pub fn pump<R: Read, W: Receiver>(
+    dir: &mut Direction,
+    mut src: Option<R>,
+    mut dst: Option<W>,
+    scratch: &mut [u8],
+) -> Pumped {
+    for _ in 0..OPS_PER_PUMP {
+        if dir.dst_done() {
+            return Pumped::Idle;
+        }
+        if let Some(dst) = dst.as_mut().filter(|_| dir.dst_ready) {
+            match dir.buf.drain_into(dst) {
+                Drain::Gave(n) => {
+                    dir.bytes_out += n as u64;
+                    continue;
+                }
+                Drain::WouldBlock => dir.dst_ready = false,
+                Drain::Empty => {}
+                Drain::SinkFailed(e) => return Pumped::Failed(Culprit::Receiver, e),
+                Drain::SpillFailed(e) => return Pumped::Failed(Culprit::SpillFile, e),
+            }
+        }
+        if dir.flow == Flow::Draining && dir.buf.is_empty() {
+            if let Some(dst) = dst.as_mut() {
+                return match dst.close_write() {
+                    Ok(()) => {
+                        dir.flow = Flow::Closed;
+                        Pumped::Idle
+                    }
+                    Err(e) => Pumped::Failed(Culprit::Receiver, e),
+                };
+            }
+        }
+        if dir.flow == Flow::Open && dir.src_ready && dir.buf.has_room() {
+            let src = src.as_mut().expect("an open direction has a sender");
+            match dir.buf.fill_from(src, scratch) {
+                Fill::Took(n) => {
+                    dir.bytes_in += n as u64;
+                    continue;
+                }
+                Fill::Eof => {
+                    dir.flow = Flow::Draining;
+                    continue;
+                }
+                Fill::WouldBlock => dir.src_ready = false,
+                Fill::SourceFailed(e) => return Pumped::Failed(Culprit::Sender, e),
+                Fill::SpillFailed(e) => return Pumped::Failed(Culprit::SpillFile, e),
+            }
+        }
+        return Pumped::Idle;
+    }
+    Pumped::MoreWork
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// A receiver that takes at most `window` bytes until it is reopened.
+    struct Window {
+        got: Vec<u8>,
+        window: usize,
+        shut: bool,
+    }
+    impl Write for Window {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            assert!(!self.shut, "write after shutdown");
+            if self.window == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.window);
+            self.window -= n;
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Receiver for Window {
+        fn close_write(&mut self) -> io::Result<()> {
+            self.shut = true;
+            Ok(())
+        }
+    }
+
+    fn direction(mem: usize, spill: u64) -> (tempfile::TempDir, Direction) {
+        let dir = tempfile::tempdir().unwrap();
+        let path: Arc<Path> = dir.path().into();
+        (
+            dir,
+            Direction::new("test", SpillBuffer::new(mem, spill, path)),
+        )
+    }
+
+    #[test]
+    fn stops_reading_at_the_limit_and_resumes_without_a_new_event() {
+        let (_tmp, mut dir) = direction(100, 300);
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut src = &data[..];
+        let mut rx = Window {
+            got: Vec::new(),
+            window: 0,
+            shut: false,
+        };
+        let mut scratch = vec![0u8; 64];
+        dir.src_ready = true;
+        dir.dst_ready = true;
+        while let Pumped::MoreWork = pump(&mut dir, Some(&mut src), Some(&mut rx), &mut scratch) {}
+        assert_eq!(dir.buf.len(), 400, "memory plus max-spill, no more");
+        assert!(dir.src_ready, "the sender is still readable: remembered");
+        assert!(!dir.dst_ready);
+        // The receiver opens up: a writable event, and nothing from the sender.
+        rx.window = usize::MAX;
+        dir.dst_ready = true;
+        while let Pumped::MoreWork = pump(&mut dir, Some(&mut src), Some(&mut rx), &mut scratch) {}
+        assert_eq!(rx.got, data, "all bytes, in order");
+        assert_eq!(dir.flow, Flow::Closed, "EOF passed on");
+        assert!(rx.shut);
+        assert_eq!((dir.bytes_in, dir.bytes_out), (1000, 1000));
+    }
+
+    #[test]
+    fn without_a_receiver_bytes_are_held_and_eof_waits() {
+        let (_tmp, mut dir) = direction(64, 1 << 20);
+        let data = vec![9u8; 5000];
+        let mut src = &data[..];
+        let mut scratch = vec![0u8; 512];
+        dir.src_ready = true;
+        while let Pumped::MoreWork =
+            pump(&mut dir, Some(&mut src), None::<&mut Window>, &mut scratch)
+        {}
+        assert_eq!(dir.flow, Flow::Draining);
+        assert_eq!(dir.buf.len(), 5000);
+        assert!(dir.buf.has_spilled());
+    }
+
+    #[test]
+    fn abort_drops_what_is_held() {
+        let (_tmp, mut dir) = direction(64, 1 << 20);
+        let data = vec![1u8; 1000];
+        let mut src = &data[..];
+        let mut scratch = vec![0u8; 512];
+        dir.src_ready = true;
+        while let Pumped::MoreWork =
+            pump(&mut dir, Some(&mut src), None::<&mut Window>, &mut scratch)
+        {}
+        dir.abort();
+        assert_eq!(dir.bytes_dropped, 1000);
+        assert!(dir.buf.is_empty());
+        assert!(dir.src_done() && dir.dst_done());
+    }
+}

@@ -1,0 +1,644 @@
+//! The per-direction buffer: memory first, then an unnamed temporary file.
+//!
+//! A `SpillBuffer` is a FIFO of bytes. It knows nothing of sockets or mio: it
+//! fills from any `Read` and drains into any `Write`, and reports what one
+//! step did as a small enum, `WouldBlock` included.
+//!
+//! Layout and the invariant everything else rests on:
+//!
+//! ```text
+//!   oldest bytes                                            newest bytes
+//!   [ memory: mem[head .. head+len] ] [ file: file_head .. file_tail ]
+//! ```
+//!
+//! Every byte in memory is older than every byte in the file. New bytes go
+//! to memory only while the file part is empty; once anything is on disk,
+//! new bytes are appended to the file. When memory runs dry it is refilled
+//! from the head of the file, so the writer only ever writes from memory.
+//! When the file part empties, the file is truncated to zero and both
+//! offsets rewind, so the space on disk follows the backlog. A file that
+//! never empties (a steady stream into a slower reader) has its drained
+//! head released with `FALLOC_FL_PUNCH_HOLE` every `PUNCH_STEP` bytes.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Drained bytes at the head of a file that never empties are released
+/// in steps of this size: large enough that the syscall is rare, small
+/// enough that `--max-spill` stays a close bound on real disk use.
+const PUNCH_STEP: u64 = 1 << 20;
+
+/// File systems allocate in blocks; a hole can only be punched in whole ones.
+const BLOCK: u64 = 4096;
+
+/// What one attempt to take bytes from the sender did.
+#[derive(Debug)]
+pub enum Fill {
+    /// `n > 0` bytes were taken and are now held.
+    Took(usize),
+    /// The sender has no more bytes now.
+    WouldBlock,
+    /// The sender closed its write half.
+    Eof,
+    /// Reading from the sender failed.
+    SourceFailed(io::Error),
+    /// The bytes could not be stored: the spill file could not be created
+    /// or written. Bytes already read are never dropped silently: the caller
+    /// must fail the connection (the next issue turns this into backpressure).
+    SpillFailed(io::Error),
+}
+
+/// What one attempt to hand bytes to the receiver did.
+#[derive(Debug)]
+pub enum Drain {
+    /// `n > 0` bytes were written and are no longer held.
+    Gave(usize),
+    /// The receiver cannot take more now.
+    WouldBlock,
+    /// Nothing is held.
+    Empty,
+    /// Writing to the receiver failed.
+    SinkFailed(io::Error),
+    /// Reading back from the spill file failed.
+    SpillFailed(io::Error),
+}
+
+pub struct SpillBuffer {
+    /// Allocated on first use: an idle connection costs no buffer.
+    mem: Vec<u8>,
+    mem_limit: usize,
+    mem_head: usize,
+    mem_len: usize,
+
+    file: Option<File>,
+    /// Offset of the oldest byte still on disk.
+    file_head: u64,
+    /// Offset one past the newest byte on disk.
+    file_tail: u64,
+    /// Offset below which the file's blocks have been released.
+    punched: u64,
+    /// Cleared when the file system refuses to punch holes; the file is
+    /// then only reclaimed when it empties.
+    can_punch: bool,
+    spill_limit: u64,
+    temp_dir: Arc<Path>,
+
+    /// Bytes ever written to the file, for the close summary.
+    spilled_total: u64,
+}
+
+impl SpillBuffer {
+    /// `mem_limit` bytes in memory, then up to `spill_limit` bytes waiting on
+    /// disk in an unnamed file created in `temp_dir` when first needed.
+    pub fn new(mem_limit: usize, spill_limit: u64, temp_dir: Arc<Path>) -> Self {
+        assert!(mem_limit > 0, "the memory part is also the write window");
+        SpillBuffer {
+            mem: Vec::new(),
+            mem_limit,
+            mem_head: 0,
+            mem_len: 0,
+            file: None,
+            file_head: 0,
+            file_tail: 0,
+            punched: 0,
+            can_punch: true,
+            spill_limit,
+            temp_dir,
+            spilled_total: 0,
+        }
+    }
+
+    /// Bytes held, in memory and on disk.
+    pub fn len(&self) -> u64 {
+        self.mem_len as u64 + self.file_backlog()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes waiting on disk.
+    pub fn file_backlog(&self) -> u64 {
+        self.file_tail - self.file_head
+    }
+
+    /// Bytes ever appended to the spill file.
+    pub fn spilled_total(&self) -> u64 {
+        self.spilled_total
+    }
+
+    /// Has any byte gone to disk yet?
+    pub fn has_spilled(&self) -> bool {
+        self.spilled_total > 0
+    }
+
+    pub fn memory_limit(&self) -> usize {
+        self.mem_limit
+    }
+
+    pub fn temp_dir(&self) -> &Path {
+        &self.temp_dir
+    }
+
+    /// Can another byte be taken without breaking a limit? When false the
+    /// caller stops reading from the sender: that is the backpressure.
+    pub fn has_room(&self) -> bool {
+        self.memory_room() > 0 || self.file_backlog() < self.spill_limit
+    }
+
+    /// Room for new bytes in memory. Zero while anything is on disk, since
+    /// bytes in memory must stay older than bytes in the file.
+    fn memory_room(&self) -> usize {
+        if self.file_backlog() > 0 {
+            0
+        } else {
+            self.mem_limit - self.mem_len
+        }
+    }
+
+    /// Take at most one read's worth of bytes from `src`. `scratch` carries
+    /// bytes bound for the file; its length caps what one read may take.
+    pub fn fill_from<R: Read>(&mut self, src: &mut R, scratch: &mut [u8]) -> Fill {
+        debug_assert!(self.has_room(), "fill_from called with no room");
+        let room = self.memory_room();
+        if room > 0 {
+            self.make_tail_room();
+            let start = self.mem_head + self.mem_len;
+            return match read_step(src, &mut self.mem[start..start + room]) {
+                Fill::Took(n) => {
+                    self.mem_len += n;
+                    self.check_invariants();
+                    Fill::Took(n)
+                }
+                other => other,
+            };
+        }
+        let want = (self.spill_limit - self.file_backlog()).min(scratch.len() as u64) as usize;
+        match read_step(src, &mut scratch[..want]) {
+            Fill::Took(n) => match self.append_to_file(&scratch[..n]) {
+                Ok(()) => {
+                    self.check_invariants();
+                    Fill::Took(n)
+                }
+                Err(e) => Fill::SpillFailed(e),
+            },
+            other => other,
+        }
+    }
+
+    /// Give at most one write's worth of the oldest bytes to `dst`.
+    pub fn drain_into<W: Write>(&mut self, dst: &mut W) -> Drain {
+        if self.mem_len == 0 {
+            if self.file_backlog() == 0 {
+                return Drain::Empty;
+            }
+            if let Err(e) = self.refill_from_file() {
+                return Drain::SpillFailed(e);
+            }
+        }
+        let head = &self.mem[self.mem_head..self.mem_head + self.mem_len];
+        loop {
+            return match dst.write(head) {
+                Ok(0) => Drain::SinkFailed(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.mem_head += n;
+                    self.mem_len -= n;
+                    if self.mem_len == 0 {
+                        self.mem_head = 0;
+                    }
+                    self.check_invariants();
+                    Drain::Gave(n)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Drain::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Drain::SinkFailed(e),
+            };
+        }
+    }
+
+    /// Drop everything held (the receiver is gone) and free the disk space.
+    /// Returns how many bytes were dropped.
+    pub fn discard(&mut self) -> u64 {
+        let dropped = self.len();
+        self.mem_head = 0;
+        self.mem_len = 0;
+        self.mem = Vec::new();
+        self.file = None;
+        self.file_head = 0;
+        self.file_tail = 0;
+        self.punched = 0;
+        dropped
+    }
+
+    /// The spill file, if one is open (tests look at its allocated size).
+    #[cfg(test)]
+    fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// Ensure the free memory starts right after the held bytes and runs to
+    /// `mem_limit`: allocate on first use, or slide held bytes to the front.
+    fn make_tail_room(&mut self) {
+        if self.mem.is_empty() {
+            self.mem = vec![0; self.mem_limit];
+        } else if self.mem_head > 0 {
+            self.mem
+                .copy_within(self.mem_head..self.mem_head + self.mem_len, 0);
+            self.mem_head = 0;
+        }
+    }
+
+    fn append_to_file(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(tempfile::tempfile_in(&*self.temp_dir)?),
+        };
+        file.write_all_at(bytes, self.file_tail)?;
+        self.file_tail += bytes.len() as u64;
+        self.spilled_total += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Move the oldest bytes of the file into (empty) memory.
+    fn refill_from_file(&mut self) -> io::Result<()> {
+        debug_assert_eq!(self.mem_len, 0);
+        if self.mem.is_empty() {
+            self.mem = vec![0; self.mem_limit];
+        }
+        let n = self.file_backlog().min(self.mem_limit as u64) as usize;
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        file.read_exact_at(&mut self.mem[..n], self.file_head)?;
+        self.mem_head = 0;
+        self.mem_len = n;
+        self.file_head += n as u64;
+        self.release_drained_file()?;
+        self.check_invariants();
+        Ok(())
+    }
+
+    /// Give back the disk space of bytes already moved out of the file.
+    fn release_drained_file(&mut self) -> io::Result<()> {
+        let file = self.file.as_ref().expect("called with a file");
+        if self.file_head == self.file_tail {
+            // Empty: rewind to the start so the file never grows past the
+            // largest backlog, and drop all its blocks.
+            file.set_len(0)?;
+            self.file_head = 0;
+            self.file_tail = 0;
+            self.punched = 0;
+            return Ok(());
+        }
+        let reclaimable = (self.file_head / BLOCK) * BLOCK;
+        if self.can_punch && reclaimable >= self.punched + PUNCH_STEP {
+            match punch_hole(file, self.punched, reclaimable - self.punched) {
+                Ok(()) => self.punched = reclaimable,
+                Err(e) => {
+                    log::debug!(
+                        "spill file: cannot punch holes here ({e}); space is reclaimed when the file empties"
+                    );
+                    self.can_punch = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_invariants(&self) {
+        debug_assert!(self.mem_len <= self.mem_limit, "memory over budget");
+        debug_assert!(self.mem_head + self.mem_len <= self.mem.len().max(self.mem_len));
+        debug_assert!(
+            self.file_head <= self.file_tail,
+            "file offsets out of order"
+        );
+        debug_assert!(self.punched <= self.file_head, "punched past live bytes");
+        debug_assert!(
+            self.file_backlog() <= self.spill_limit,
+            "file over --max-spill"
+        );
+        debug_assert!(
+            self.file.is_some() || self.file_tail == 0,
+            "a backlog without a file"
+        );
+    }
+}
+
+/// One `read`, retried on EINTR, with its result put in `Fill` terms.
+fn read_step<R: Read>(src: &mut R, into: &mut [u8]) -> Fill {
+    debug_assert!(!into.is_empty());
+    loop {
+        return match src.read(into) {
+            Ok(0) => Fill::Eof,
+            Ok(n) => Fill::Took(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Fill::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Fill::SourceFailed(e),
+        };
+    }
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by
+    // `file`, which outlives the call.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Check once, at start, that spill files can be made in `dir`, so a bad
+/// `--temp-dir` is a start-up error and not a surprise on the first spill.
+pub fn check_temp_dir(dir: &Path) -> io::Result<PathBuf> {
+    let meta = std::fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a directory",
+        ));
+    }
+    let mut probe = tempfile::tempfile_in(dir)?;
+    probe.write_all(b"x")?;
+    Ok(dir.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::os::unix::fs::MetadataExt;
+
+    /// xorshift64*: deterministic, seedable, no dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A sender that offers a numbered byte stream in random chunk sizes,
+    /// sometimes with nothing ready or an EINTR.
+    struct Sender<'a> {
+        rng: &'a mut Rng,
+        next_byte: u64,
+        sent: &'a mut VecDeque<u8>,
+    }
+    impl Read for Sender<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.rng.below(10) {
+                0 => return Err(io::ErrorKind::WouldBlock.into()),
+                1 => return Err(io::ErrorKind::Interrupted.into()),
+                _ => {}
+            }
+            let n = (1 + self.rng.below(buf.len() as u64)) as usize;
+            for b in &mut buf[..n] {
+                *b = (self.next_byte.wrapping_mul(131) >> 3) as u8;
+                self.sent.push_back(*b);
+                self.next_byte += 1;
+            }
+            Ok(n)
+        }
+    }
+
+    /// A receiver that takes random amounts, sometimes none.
+    struct Receiver<'a> {
+        rng: &'a mut Rng,
+        got: Vec<u8>,
+    }
+    impl Write for Receiver<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match self.rng.below(10) {
+                0 => return Err(io::ErrorKind::WouldBlock.into()),
+                1 => return Err(io::ErrorKind::Interrupted.into()),
+                _ => {}
+            }
+            let n = (1 + self.rng.below(buf.len() as u64)) as usize;
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn temp_dir() -> (tempfile::TempDir, Arc<Path>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path: Arc<Path> = dir.path().into();
+        (dir, path)
+    }
+
+    fn allocated(buf: &SpillBuffer) -> u64 {
+        buf.file()
+            .map_or(0, |f| f.metadata().unwrap().blocks() * 512)
+    }
+
+    /// Random interleavings of fill and drain against a plain queue: order
+    /// and content preserved, limits kept, the file empty whenever the
+    /// buffer is drained.
+    #[test]
+    fn matches_a_plain_queue_under_random_interleavings() {
+        let (_dir, path) = temp_dir();
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mem_limit = 1 + rng.below(300) as usize;
+            let spill_limit = rng.below(5000);
+            let mut buf = SpillBuffer::new(mem_limit, spill_limit, path.clone());
+            let mut model: VecDeque<u8> = VecDeque::new();
+            let mut scratch = vec![0u8; 1 + rng.below(700) as usize];
+            let mut delivered = Vec::new();
+            let mut expected = Vec::new();
+            let mut boundary_crossings = 0;
+            // Phases that mostly fill, then mostly drain, so the buffer
+            // swings between empty and full, crossing the memory/file line.
+            let mut filling = true;
+            for _ in 0..6000 {
+                if filling && (!buf.has_room() || rng.below(300) == 0) {
+                    filling = false;
+                } else if !filling && buf.is_empty() {
+                    filling = true;
+                }
+                let was_on_disk = buf.file_backlog() > 0;
+                let mut op_rng = Rng(rng.next() | 1);
+                let fill = filling && rng.below(10) < 8;
+                if fill && buf.has_room() {
+                    let mut src = Sender {
+                        rng: &mut op_rng,
+                        next_byte: expected.len() as u64 + model.len() as u64,
+                        sent: &mut model,
+                    };
+                    match buf.fill_from(&mut src, &mut scratch) {
+                        Fill::Took(_) | Fill::WouldBlock => {}
+                        other => panic!("seed {seed}: unexpected {other:?}"),
+                    }
+                } else {
+                    let mut dst = Receiver {
+                        rng: &mut op_rng,
+                        got: Vec::new(),
+                    };
+                    match buf.drain_into(&mut dst) {
+                        Drain::Gave(_) | Drain::WouldBlock | Drain::Empty => {}
+                        other => panic!("seed {seed}: unexpected {other:?}"),
+                    }
+                    for _ in &dst.got {
+                        expected.push(model.pop_front().expect("gave more than was put in"));
+                    }
+                    delivered.extend_from_slice(&dst.got);
+                }
+                assert_eq!(buf.len(), model.len() as u64, "seed {seed}: length");
+                assert!(buf.mem_len <= mem_limit, "seed {seed}: memory over budget");
+                assert!(
+                    buf.file_backlog() <= spill_limit,
+                    "seed {seed}: over max-spill"
+                );
+                if buf.file_backlog() == 0 {
+                    assert_eq!(
+                        allocated(&buf),
+                        0,
+                        "seed {seed}: drained file not truncated"
+                    );
+                }
+                if was_on_disk != (buf.file_backlog() > 0) {
+                    boundary_crossings += 1;
+                }
+            }
+            assert_eq!(delivered, expected, "seed {seed}: bytes differ");
+            if spill_limit > 0 {
+                assert!(
+                    boundary_crossings >= 6,
+                    "seed {seed}: only {boundary_crossings} memory/file crossings (mem {mem_limit}, spill {spill_limit}, scratch {})",
+                    scratch.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_file_is_truncated_when_the_backlog_drains() {
+        let (_dir, path) = temp_dir();
+        let mut buf = SpillBuffer::new(16, 1 << 20, path);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut src = &data[..];
+        let mut scratch = vec![0u8; 8192];
+        while !src.is_empty() {
+            assert!(matches!(
+                buf.fill_from(&mut src, &mut scratch),
+                Fill::Took(_)
+            ));
+        }
+        assert!(buf.has_spilled());
+        assert!(allocated(&buf) >= 90_000, "the backlog is on disk");
+        let mut out = Vec::new();
+        while let Drain::Gave(_) = buf.drain_into(&mut out) {}
+        assert_eq!(out, data);
+        let file = buf.file().expect("the file stays open for reuse");
+        assert_eq!(file.metadata().unwrap().len(), 0, "truncated");
+        assert_eq!(allocated(&buf), 0);
+        assert_eq!(buf.spilled_total(), 100_000 - 16);
+    }
+
+    /// A stream that never lets the file empty: the drained head is punched
+    /// out, so disk use follows the backlog and not the bytes ever spilled.
+    #[test]
+    fn a_file_that_never_empties_gives_back_its_drained_head() {
+        let (_dir, path) = temp_dir();
+        let backlog = 256 * 1024u64;
+        let mut buf = SpillBuffer::new(4096, 1 << 30, path);
+        let chunk = vec![7u8; 64 * 1024];
+        let mut scratch = vec![0u8; 64 * 1024];
+        let mut out: Vec<u8> = Vec::new();
+        let mut max_alloc = 0;
+        for _ in 0..512 {
+            // Keep the backlog at about 256KiB while 32MiB pass through.
+            let mut src = &chunk[..];
+            while !src.is_empty() {
+                buf.fill_from(&mut src, &mut scratch);
+            }
+            while buf.len() > backlog {
+                out.clear();
+                assert!(matches!(buf.drain_into(&mut out), Drain::Gave(_)));
+            }
+            max_alloc = max_alloc.max(allocated(&buf));
+        }
+        assert!(buf.spilled_total() > 30 << 20);
+        if buf.can_punch {
+            assert!(
+                max_alloc <= backlog + 2 * PUNCH_STEP + 2 * chunk.len() as u64,
+                "disk use {max_alloc} tracks more than the backlog"
+            );
+        } else {
+            eprintln!("this file system cannot punch holes; skipping the disk-use check");
+        }
+    }
+
+    #[test]
+    fn no_room_once_memory_and_spill_limit_are_full() {
+        let (_dir, path) = temp_dir();
+        let mut buf = SpillBuffer::new(10, 20, path);
+        let data = [1u8; 100];
+        let mut src = &data[..];
+        let mut scratch = [0u8; 64];
+        while buf.has_room() {
+            assert!(matches!(
+                buf.fill_from(&mut src, &mut scratch),
+                Fill::Took(_)
+            ));
+        }
+        assert_eq!(buf.len(), 30);
+        assert_eq!(buf.file_backlog(), 20);
+        let mut out = Vec::new();
+        assert!(matches!(buf.drain_into(&mut out), Drain::Gave(10)));
+        assert!(
+            !buf.has_room(),
+            "memory is free but bytes are on disk: no overtaking"
+        );
+        assert!(matches!(buf.drain_into(&mut out), Drain::Gave(10)));
+        assert!(buf.has_room());
+    }
+
+    #[test]
+    fn an_unusable_temp_dir_is_reported_on_first_spill() {
+        let mut buf = SpillBuffer::new(4, 100, Path::new("/nonexistent/spillway").into());
+        let data = [1u8; 10];
+        let mut src = &data[..];
+        let mut scratch = [0u8; 64];
+        assert!(matches!(
+            buf.fill_from(&mut src, &mut scratch),
+            Fill::Took(4)
+        ));
+        assert!(matches!(
+            buf.fill_from(&mut src, &mut scratch),
+            Fill::SpillFailed(_)
+        ));
+    }
+
+    #[test]
+    fn check_temp_dir_rejects_files_and_missing_dirs() {
+        assert!(check_temp_dir(Path::new("/nonexistent/spillway")).is_err());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        assert!(check_temp_dir(file.path()).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        check_temp_dir(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "probe left behind"
+        );
+    }
+}
