@@ -1,0 +1,271 @@
+//! The command line: bad flags are refused with exit code 2 and one line on
+//! stderr naming the flag, and the process exits (so nothing is left
+//! listening); --help lists every flag; SIGTERM stops a running proxy.
+
+mod common;
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run the binary with `args` and wait (bounded) for it to exit.
+fn run(args: &[&str]) -> Outcome {
+    let work = TempDir::new("cli");
+    let out_path = work.path().join("stdout");
+    let err_path = work.path().join("stderr");
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn spillway");
+    let status = match wait_with_deadline(&mut child, EXIT_TIMEOUT) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("spillway {args:?} still running after {EXIT_TIMEOUT:?}");
+        }
+    };
+    let read = |p| {
+        let mut s = String::new();
+        std::fs::File::open(p)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    };
+    Outcome {
+        code: status.code(),
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    }
+}
+
+/// `args` must be refused: the process exits within `EXIT_TIMEOUT` (so it
+/// leaves nothing listening) with code 2 and exactly one stderr line,
+/// starting `spillway: ` and naming `flag`. (Probing the port afterwards
+/// would prove nothing more, and could meet another test's listener.)
+fn assert_refused(args: &[&str], flag: &str) {
+    let out = run(args);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(
+        out.code,
+        Some(2),
+        "spillway {args:?}: exit code; stderr: {}",
+        out.stderr
+    );
+    assert_eq!(
+        lines.len(),
+        1,
+        "spillway {args:?}: one stderr line, got {:?}",
+        out.stderr
+    );
+    assert!(
+        lines[0].starts_with("spillway: "),
+        "spillway {args:?}: {:?}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(flag),
+        "spillway {args:?}: the error should name {flag}: {:?}",
+        lines[0]
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "spillway {args:?}: stdout {:?}",
+        out.stdout
+    );
+}
+
+/// A valid --listen: any free port on loopback.
+const LISTEN: &str = "127.0.0.1:0";
+
+/// A backend address that is syntactically fine (nothing needs to run there).
+fn some_backend() -> String {
+    dead_addr().to_string()
+}
+
+#[test]
+fn missing_listen_is_refused() {
+    assert_refused(&["--backend", &some_backend()], "--listen");
+}
+
+#[test]
+fn missing_backend_is_refused() {
+    assert_refused(&["--listen", LISTEN], "--backend");
+}
+
+#[test]
+fn bad_backend_is_refused() {
+    for bad in ["127.0.0.1", "127.0.0.1:99999", "127.0.0.1:port", ""] {
+        assert_refused(&["--listen", LISTEN, "--backend", bad], "--backend");
+    }
+}
+
+#[test]
+fn bad_listen_is_refused() {
+    assert_refused(
+        &["--listen", "localhost", "--backend", &some_backend()],
+        "--listen",
+    );
+}
+
+/// `args` followed by each of `bad` in turn must be refused, naming `flag`.
+fn assert_each_refused(flag: &str, bad: &[&[&str]]) {
+    let backend = some_backend();
+    for extra in bad {
+        let mut args = vec!["--listen", LISTEN, "--backend", &backend];
+        args.extend_from_slice(extra);
+        assert_refused(&args, flag);
+    }
+}
+
+#[test]
+fn bad_memory_buffer_is_refused() {
+    assert_each_refused(
+        "--memory-buffer",
+        &[
+            &["--memory-buffer", "lots"],
+            &["--memory-buffer", "64KiBs"],
+            // "--memory-buffer -1" would be read as an unknown flag -1.
+            &["--memory-buffer=-1"],
+            // Below the 1KiB minimum and above the 1GiB maximum.
+            &["--memory-buffer", "10"],
+            &["--memory-buffer", "2GiB"],
+        ],
+    );
+}
+
+#[test]
+fn bad_max_spill_is_refused() {
+    assert_each_refused(
+        "--max-spill",
+        &[
+            &["--max-spill", "lots"],
+            &["--max-spill", "1 parsec"],
+            &["--max-spill=-5MiB"],
+        ],
+    );
+}
+
+#[test]
+fn unusable_temp_dir_is_refused() {
+    let work = TempDir::new("cli-temp");
+    let file = work.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    assert_each_refused(
+        "--temp-dir",
+        &[
+            &["--temp-dir", "/nonexistent/spillway-test"],
+            &["--temp-dir", file.to_str().unwrap()],
+        ],
+    );
+}
+
+#[test]
+fn bad_log_level_is_refused() {
+    assert_refused(
+        &[
+            "--listen",
+            LISTEN,
+            "--backend",
+            &some_backend(),
+            "--log-level",
+            "loud",
+        ],
+        "--log-level",
+    );
+}
+
+#[test]
+fn listen_on_a_port_in_use_is_refused() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    assert_refused(
+        &["--listen", &addr.to_string(), "--backend", &some_backend()],
+        "--listen",
+    );
+    // With a log file too: stderr still gets exactly the one line.
+    let work = TempDir::new("cli-log");
+    let log = work.path().join("log");
+    assert_refused(
+        &[
+            "--listen",
+            &addr.to_string(),
+            "--backend",
+            &some_backend(),
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+        "--listen",
+    );
+    // Our listener still owns the port.
+    let probe = TcpStream::connect(addr).expect("the test's listener still accepts");
+    let accepted = accept_within(&taken, Duration::from_secs(5));
+    assert_eq!(accepted.peer_addr().unwrap(), probe.local_addr().unwrap());
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let out = run(&["--help"]);
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    for flag in [
+        "--listen",
+        "--backend",
+        "--memory-buffer",
+        "--max-spill",
+        "--temp-dir",
+        "--log-level",
+        "--log-file",
+        "--help",
+    ] {
+        assert!(
+            out.stdout.contains(flag),
+            "--help does not mention {flag}:\n{}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_a_running_proxy() {
+    let (_backend, backend_addr) = listen();
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--log-level",
+        "debug",
+    ]);
+    // A connection is open (accepted, its backend connected) when the
+    // signal comes.
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    proxy.wait_for_log(&format!("accepted client {client_addr}"), EXIT_TIMEOUT);
+    let status = proxy.signal_and_wait(libc::SIGTERM, EXIT_TIMEOUT);
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    proxy.wait_for_log(" INFO received SIGTERM", Duration::from_secs(1));
+    proxy.wait_for_log(
+        "stopping; 1 connection(s) were still open",
+        Duration::from_secs(1),
+    );
+    // The process is gone, and its sockets with it.
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the open connection after the proxy exited: {other:?}"),
+    }
+}

@@ -1,0 +1,799 @@
+//! End-to-end relay behaviour of the `spillway` binary over loopback:
+//! spilling to disk, the --max-spill limit, half-close, resets, refused
+//! backends, round-robin and many concurrent connections.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// More than any loopback socket buffers can absorb, so a backend can only
+/// finish writing it to a client that reads nothing if the proxy spills.
+const BIG: usize = 64 * MIB;
+
+const REQUEST: &[u8] = b"GET /big HTTP/1.0\r\n\r\n";
+
+const SECS_10: Duration = Duration::from_secs(10);
+const SECS_60: Duration = Duration::from_secs(60);
+
+/// Wait for a message from a helper thread; if the thread died instead,
+/// re-raise its panic.
+fn recv_from<T, U>(
+    rx: &mpsc::Receiver<T>,
+    timeout: Duration,
+    thread: Bg<U>,
+    what: &str,
+) -> (T, Bg<U>) {
+    match rx.recv_timeout(timeout) {
+        Ok(value) => (value, thread),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            thread.join(SECS_10);
+            panic!("{what}: the thread ended without reporting");
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: nothing within {timeout:?}"),
+    }
+}
+
+/// Test 1: A client that reads nothing while the backend writes 64MiB: the
+/// proxy takes it all (memory, then an unnamed file), so the backend is
+/// released; then the client gets every byte, in order.
+#[test]
+fn slow_client_download_spills_to_disk_and_arrives_intact() {
+    let data = Arc::new(random_bytes(1, BIG));
+    let (listener, backend_addr) = listen();
+    let (done_tx, done_rx) = mpsc::channel();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            assert_eq!(read_to_eof(&mut s, 4096), REQUEST, "request as sent");
+            s.write_all(&data).expect("backend write_all");
+            shutdown_write(&s);
+            drop(s);
+            done_tx.send(Instant::now()).expect("report done");
+        })
+    };
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, REQUEST);
+
+    // The client has read nothing yet: only spilling lets the backend finish.
+    let (backend_done_at, backend) = recv_from(
+        &done_rx,
+        SECS_60,
+        backend,
+        "backend writing 64MiB to a client that reads nothing (is the proxy spilling?)",
+    );
+    backend.join(SECS_10);
+
+    let warn = proxy.wait_for_log("backend->client spilling to disk", SECS_10);
+    assert!(warn.contains(" WARN [conn "), "a WARN line: {warn}");
+    assert!(
+        warn.contains(&format!("client={client_addr} backend={backend_addr}")),
+        "names both ends: {warn}"
+    );
+    assert_eq!(
+        proxy.temp_dir_entries(),
+        Vec::<String>::new(),
+        "spill files must be unnamed"
+    );
+    let files = proxy.spill_files();
+    assert!(
+        files.iter().any(|f| f.size > 0),
+        "a deleted, non-empty spill file under the temp dir in /proc/{}/fd: {files:?}",
+        proxy.pid
+    );
+    assert!(
+        proxy
+            .lines_containing("client->backend spilling")
+            .is_empty(),
+        "a 21-byte request must not spill"
+    );
+
+    let read_from = Instant::now();
+    assert!(backend_done_at <= read_from);
+    let got = read_to_eof_varied(&mut client, BIG, SECS_60);
+    assert_bytes_eq("download through the proxy", &got, &data);
+
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.down_bytes, BIG as u64, "{}", closed.line);
+    assert_eq!(closed.up_bytes, REQUEST.len() as u64, "{}", closed.line);
+    assert!(closed.down_spilled > 0, "{}", closed.line);
+    assert_eq!(closed.up_spilled, 0, "{}", closed.line);
+    assert_eq!(closed.dropped, 0, "{}", closed.line);
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+    // What spillway is for: the backend was let go before the client was
+    // done (it was, before the client read its first byte).
+    assert!(
+        closed.backend_held < closed.duration,
+        "backend held for the whole connection: {}",
+        closed.line
+    );
+    eprintln!(
+        "backend released {:?} after connecting; the client finished {:?} later",
+        Duration::from_secs_f64(closed.backend_held),
+        read_from.elapsed()
+    );
+    proxy.wait_no_spill_files(SECS_10);
+    assert_eq!(proxy.temp_dir_entries(), Vec::<String>::new());
+}
+
+/// Test 2: The same upstream: a client uploads 64MiB to a backend that reads
+/// nothing until the client's write_all has returned.
+#[test]
+fn fast_upload_to_a_stalled_backend_spills_and_arrives_intact() {
+    let data = Arc::new(random_bytes(2, BIG));
+    let (listener, backend_addr) = listen();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            go_rx
+                .recv_timeout(SECS_60)
+                .expect("the client's write_all of 64MiB never finished");
+            let got = read_to_eof_varied(&mut s, BIG, SECS_60);
+            assert_bytes_eq("upload through the proxy", &got, &data);
+            send_and_shut(&mut s, b"received\n");
+        })
+    };
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    client
+        .set_write_timeout(Some(SECS_60))
+        .expect("write timeout");
+    // The backend reads nothing until this returns.
+    send_and_shut(&mut client, &data);
+
+    let warn = proxy.wait_for_log("client->backend spilling to disk", SECS_10);
+    assert!(warn.contains(" WARN [conn "), "a WARN line: {warn}");
+    assert!(
+        warn.contains(&format!("client={client_addr} backend={backend_addr}")),
+        "{warn}"
+    );
+    assert_eq!(
+        proxy.temp_dir_entries(),
+        Vec::<String>::new(),
+        "spill files must be unnamed"
+    );
+    let files = proxy.spill_files();
+    assert!(
+        files.iter().any(|f| f.size > 0),
+        "a spill file in /proc: {files:?}"
+    );
+
+    go_tx.send(()).expect("backend alive");
+    assert_eq!(read_to_eof(&mut client, 64), b"received\n");
+    backend.join(SECS_60);
+
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.up_bytes, BIG as u64, "{}", closed.line);
+    assert_eq!(closed.down_bytes, 9, "{}", closed.line);
+    assert!(closed.up_spilled > 0, "{}", closed.line);
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+    proxy.wait_no_spill_files(SECS_10);
+}
+
+/// Test 3: With --max-spill 1MiB the proxy stops taking the backend's bytes
+/// once 1MiB waits on disk: the file stops growing, the backend is held back,
+/// and everything still arrives once the client reads.
+#[test]
+fn max_spill_bounds_disk_use_and_applies_backpressure() {
+    const MAX_SPILL: u64 = MIB as u64;
+    const SLACK: u64 = 64 * KIB as u64;
+    let data = Arc::new(random_bytes(3, BIG));
+    let (listener, backend_addr) = listen();
+    let backend_done = Arc::new(AtomicBool::new(false));
+    let backend = {
+        let data = data.clone();
+        let done = backend_done.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            assert_eq!(read_to_eof(&mut s, 4096), REQUEST);
+            s.set_write_timeout(Some(SECS_60)).expect("write timeout");
+            s.write_all(&data).expect("backend write_all");
+            shutdown_write(&s);
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--memory-buffer",
+        "64KiB",
+        "--max-spill",
+        "1MiB",
+    ]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, REQUEST);
+
+    // Wait for the file to fill up to the limit.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let full = loop {
+        let files = proxy.spill_files();
+        if let Some(f) = files.iter().find(|f| f.disk >= MAX_SPILL - SLACK) {
+            break f.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spill file never approached --max-spill 1MiB: {files:?}"
+        );
+        proxy.assert_running();
+        thread::sleep(Duration::from_millis(5));
+    };
+    // Now it must stay there, and the backend must stay held back.
+    let mut samples = 0;
+    let mut largest = full.disk;
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        for f in proxy.spill_files() {
+            largest = largest.max(f.disk);
+            assert!(
+                f.disk <= MAX_SPILL + SLACK,
+                "disk use {} exceeds --max-spill 1MiB + 64KiB: {f:?}",
+                f.disk
+            );
+        }
+        assert!(
+            !backend_done.load(Ordering::SeqCst),
+            "the backend wrote all 64MiB to a stalled client despite --max-spill 1MiB"
+        );
+        samples += 1;
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(samples >= 5, "only {samples} samples in 300ms");
+    eprintln!("spill file at the limit: {full:?}; largest disk use sampled {largest}");
+
+    let got = read_to_eof_varied(&mut client, BIG, SECS_60);
+    assert_bytes_eq("download under backpressure", &got, &data);
+    backend.join(SECS_10);
+    assert!(backend_done.load(Ordering::SeqCst));
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.down_bytes, BIG as u64, "{}", closed.line);
+    assert!(closed.down_spilled >= MAX_SPILL, "{}", closed.line);
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+    proxy.wait_no_spill_files(SECS_10);
+}
+
+/// Test 4a: The client half-closes after its request; the backend reads to EOF,
+/// replies and closes; the client gets the whole reply and EOF.
+#[test]
+fn half_close_from_the_client() {
+    let request = random_bytes(41, 10 * KIB);
+    let reply = Arc::new(random_bytes(42, MIB));
+    let (listener, backend_addr) = listen();
+    let backend = {
+        let request = request.clone();
+        let reply = reply.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            let got = read_to_eof(&mut s, request.len());
+            assert_bytes_eq("request before the client's EOF", &got, &request);
+            s.write_all(&reply).expect("reply");
+            // Dropped: a plain close after reading everything (FIN).
+        })
+    };
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, &request);
+    let got = read_to_eof_varied(&mut client, MIB, SECS_10);
+    assert_bytes_eq("reply after the client's EOF", &got, &reply);
+    backend.join(SECS_10);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(
+        (closed.up_bytes, closed.down_bytes),
+        (10 * KIB as u64, MIB as u64),
+        "{}",
+        closed.line
+    );
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+}
+
+/// Test 4b: The backend sends a greeting and half-closes; the client sees it
+/// and EOF, and can still upload 1MiB, which the backend gets in full, then
+/// EOF.
+#[test]
+fn half_close_from_the_backend() {
+    const GREETING: &[u8] = b"220 hello, send me your file\r\n";
+    let upload = Arc::new(random_bytes(43, MIB));
+    let (listener, backend_addr) = listen();
+    let (got_tx, got_rx) = mpsc::channel();
+    let backend = {
+        let upload = upload.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            s.write_all(GREETING).expect("greeting");
+            shutdown_write(&s);
+            // Still reading.
+            let got = read_to_eof_varied(&mut s, MIB, Duration::from_secs(30));
+            assert_bytes_eq("upload after the backend's EOF", &got, &upload);
+            got_tx.send(got.len()).expect("report");
+        })
+    };
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    // Greeting then EOF, before the client has sent anything.
+    assert_eq!(read_to_eof(&mut client, 1024), GREETING);
+    send_and_shut(&mut client, &upload);
+    let (n, backend) = recv_from(
+        &got_rx,
+        Duration::from_secs(30),
+        backend,
+        "backend reading the upload",
+    );
+    assert_eq!(n, MIB);
+    backend.join(SECS_10);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(
+        (closed.up_bytes, closed.down_bytes),
+        (MIB as u64, GREETING.len() as u64),
+        "{}",
+        closed.line
+    );
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+}
+
+/// Backend writes until a write fails (or 512MiB): what it saw and when.
+struct WriteFailure {
+    kind: io::ErrorKind,
+    error: String,
+    written: u64,
+    at: Instant,
+}
+
+fn write_until_error(s: &mut TcpStream) -> WriteFailure {
+    let chunk = random_bytes(50, MIB);
+    let mut written = 0u64;
+    while written < 512 * MIB as u64 {
+        match s.write(&chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return WriteFailure {
+                    kind: e.kind(),
+                    error: e.to_string(),
+                    written,
+                    at: Instant::now(),
+                };
+            }
+        }
+    }
+    panic!("wrote 512MiB and never saw an error: the client's reset was not passed on");
+}
+
+/// Test 5: A client that resets mid-download: the backend is told (its writes
+/// fail) promptly, the close line blames the client, and the proxy goes on
+/// serving.
+#[test]
+fn client_reset_mid_transfer_resets_the_backend_and_proxy_keeps_serving() {
+    let second = Arc::new(random_bytes(51, 4 * MIB));
+    let (listener, backend_addr) = listen();
+    let (fail_tx, fail_rx) = mpsc::channel();
+    let backend = {
+        let second = second.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            fail_tx.send(write_until_error(&mut s)).expect("report");
+            drop(s);
+            // The next client is served normally.
+            let mut s = accept_within(&listener, Duration::from_secs(30));
+            assert_eq!(read_to_eof(&mut s, 4096), REQUEST);
+            s.write_all(&second).expect("second reply");
+        })
+    };
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--max-spill",
+        "4MiB",
+    ]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    let mut first = vec![0u8; MIB];
+    client.read_exact(&mut first).expect("first 1MiB");
+    let reset_at = Instant::now();
+    reset(client);
+
+    let (failure, backend) = recv_from(
+        &fail_rx,
+        SECS_10,
+        backend,
+        "backend writing after the client reset",
+    );
+    assert!(
+        matches!(
+            failure.kind,
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ),
+        "backend write failed with {} ({:?}), not a reset or broken pipe",
+        failure.error,
+        failure.kind
+    );
+    eprintln!(
+        "backend wrote {} bytes, then {:?} {:?} after the client's reset",
+        failure.written,
+        failure.error,
+        failure.at.saturating_duration_since(reset_at)
+    );
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert!(
+        closed.reason.contains("client"),
+        "reason names the client: {}",
+        closed.line
+    );
+    assert!(closed.down_bytes >= MIB as u64, "{}", closed.line);
+    proxy.wait_no_spill_files(SECS_10);
+
+    // Another client, same proxy process: served byte-exact.
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, REQUEST);
+    let got = read_to_eof_varied(&mut client, second.len(), Duration::from_secs(30));
+    assert_bytes_eq("second transfer after a client reset", &got, &second);
+    backend.join(SECS_10);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+}
+
+/// Test 6: A backend that resets mid-response: the client must see a reset,
+/// never a clean EOF that would make a truncated response look complete.
+#[test]
+fn backend_reset_mid_stream_reaches_the_client_as_a_reset() {
+    let data = Arc::new(random_bytes(6, MIB));
+    let (listener, backend_addr) = listen();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            // Not before the client's connect() has returned: a reset
+            // landing earlier would make connect() itself fail.
+            go_rx.recv_timeout(SECS_10).expect("client connected");
+            s.write_all(&data).expect("backend write");
+            reset(s);
+        })
+    };
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    go_tx.send(()).expect("backend alive");
+    client.set_read_timeout(Some(SECS_10)).unwrap();
+    let deadline = Instant::now() + SECS_10;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * KIB];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "neither reset nor EOF within 10s"
+        );
+        match client.read(&mut buf) {
+            Ok(0) => panic!(
+                "clean EOF after {} bytes: a stream the backend cut short was passed on as complete",
+                got.len()
+            ),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!(
+                "after {} bytes: {}; expected ECONNRESET",
+                got.len(),
+                explain(&e)
+            ),
+        }
+    }
+    assert!(got.len() <= data.len());
+    assert_bytes_eq("what arrived before the reset", &got, &data[..got.len()]);
+    backend.join(SECS_10);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert!(
+        closed.reason.starts_with("backend"),
+        "reason blames the backend: {}",
+        closed.line
+    );
+}
+
+/// Test 6b (beyond the list): a backend sends a complete response,
+/// EOF included, and resets only once the proxy has read all of it and the
+/// EOF. That stream had ended, so the proxy must still deliver all of it,
+/// and a clean EOF, to a client that only reads afterwards.
+#[test]
+fn backend_reset_after_a_complete_response_still_delivers_it() {
+    let data = Arc::new(random_bytes(61, 16 * MIB));
+    let (listener, backend_addr) = listen();
+    let (done_tx, done_rx) = mpsc::channel();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            s.write_all(&data).expect("backend write");
+            shutdown_write(&s);
+            // All of it, and the FIN, read by the proxy: now reset.
+            wait_until_peer_read_all(&s, SECS_10);
+            reset_seen_by_peer(s, SECS_10);
+            done_tx.send(()).expect("report");
+        })
+    };
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--log-level",
+        "debug",
+    ]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    let ((), backend) = recv_from(
+        &done_rx,
+        Duration::from_secs(30),
+        backend,
+        "backend writing 16MiB",
+    );
+    backend.join(SECS_10);
+    // Our EOF makes the proxy shut down its write half toward the reset
+    // backend, which fails: wait until it has met the backend's failure.
+    shutdown_write(&client);
+    let met = proxy.wait_for_line("about the backend failing", SECS_10, |l| {
+        l.contains(&format!(" backend {backend_addr} "))
+            && (l.contains("closed abruptly") || l.contains(" failed: "))
+    });
+    eprintln!("{met}");
+    let got = read_to_eof_varied(&mut client, data.len(), Duration::from_secs(30));
+    assert_bytes_eq("a complete response whose sender then reset", &got, &data);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.down_bytes, data.len() as u64, "{}", closed.line);
+    assert!(closed.reason.starts_with("backend"), "{}", closed.line);
+}
+
+/// Test 6c (beyond the list): the mirror image. A client uploads a
+/// complete request, EOF included, and resets once the proxy has read it
+/// all; the backend must still get all of it and a clean EOF, even though
+/// the proxy meets the client's reset (writing to it) first.
+#[test]
+fn client_reset_after_a_complete_upload_still_delivers_it() {
+    let data = Arc::new(random_bytes(62, 16 * MIB));
+    let (listener, backend_addr) = listen();
+    let (reset_tx, reset_rx) = mpsc::channel::<()>();
+    let (read_tx, read_rx) = mpsc::channel::<()>();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            reset_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("client reset");
+            // Something for the reset client: the proxy meets its failure.
+            s.write_all(b"too late\n").expect("backend write");
+            read_rx.recv_timeout(SECS_10).expect("go on reading");
+            let got = read_to_eof_varied(&mut s, data.len(), Duration::from_secs(30));
+            assert_bytes_eq("a complete upload whose sender then reset", &got, &data);
+        })
+    };
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--log-level",
+        "debug",
+    ]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, &data);
+    wait_until_peer_read_all(&client, SECS_10);
+    reset_seen_by_peer(client, SECS_10);
+    reset_tx.send(()).expect("backend alive");
+    let met = proxy.wait_for_line("about the client failing", SECS_10, |l| {
+        l.contains(&format!(" client {client_addr} "))
+            && (l.contains("closed abruptly") || l.contains(" failed: "))
+    });
+    eprintln!("{met}");
+    read_tx.send(()).expect("backend alive");
+    backend.join(Duration::from_secs(30));
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.up_bytes, data.len() as u64, "{}", closed.line);
+    assert!(closed.reason.starts_with("client"), "{}", closed.line);
+}
+
+/// Connect through a proxy whose backend refuses: the proxy must accept,
+/// then close us (EOF or reset) within `timeout`. Returns our address.
+fn expect_closed_promptly(proxy_addr: SocketAddr, timeout: Duration) -> SocketAddr {
+    let (local, connected) = connect_from_known_port(proxy_addr);
+    let mut client = match connected {
+        Ok(client) => client,
+        // Accepted, then reset before connect() returned: closed promptly.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return local,
+        Err(e) => panic!("connect to the proxy at {proxy_addr}: {e}"),
+    };
+    client.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 64];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("got {n} bytes from a proxy with no backend"),
+        Err(e) => panic!("not closed within {timeout:?}: {}", explain(&e)),
+    }
+    local
+}
+
+/// Test 7: A backend that refuses: the client is closed promptly, the log says
+/// which backend, and the proxy keeps accepting.
+#[test]
+fn refused_backend_closes_the_client_and_proxy_stays_up() {
+    let (_refusing, dead) = refusing_addr();
+    let mut proxy = Proxy::start(&["--backend", &dead.to_string()]);
+    let client_addr = expect_closed_promptly(proxy.addr, Duration::from_secs(5));
+    let warn = proxy.wait_for_line("WARN naming the refused backend", SECS_10, |l| {
+        l.contains(" WARN ") && l.contains(&dead.to_string())
+    });
+    assert!(
+        warn.contains(&client_addr.to_string()),
+        "names the client too: {warn}"
+    );
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert!(
+        closed.reason.starts_with("backend connect failed"),
+        "{}",
+        closed.line
+    );
+
+    // Still accepting: a second client is taken, and closed the same way.
+    proxy.assert_running();
+    let again = expect_closed_promptly(proxy.addr, Duration::from_secs(5));
+    let closed = proxy.wait_for_close(again, SECS_10);
+    assert!(
+        closed.reason.starts_with("backend connect failed"),
+        "{}",
+        closed.line
+    );
+    proxy.assert_running();
+}
+
+/// A backend that answers each connection with its name and counts them,
+/// until told to stop.
+fn naming_backend(name: &'static str, stop: Arc<AtomicBool>) -> (SocketAddr, Bg<usize>) {
+    let (listener, addr) = listen();
+    let bg = spawn(name, move || {
+        listener.set_nonblocking(true).unwrap();
+        let mut accepted = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !stop.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "backend {name} never told to stop"
+            );
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    accepted += 1;
+                    s.set_nonblocking(false).unwrap();
+                    s.write_all(name.as_bytes()).expect("write name");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        accepted
+    });
+    (addr, bg)
+}
+
+/// Test 8: Two backends, four sequential connections: A, B, A, B.
+#[test]
+fn backends_are_used_round_robin() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a_addr, a) = naming_backend("A", stop.clone());
+    let (b_addr, b) = naming_backend("B", stop.clone());
+    let proxy = Proxy::start(&[
+        "--backend",
+        &a_addr.to_string(),
+        "--backend",
+        &b_addr.to_string(),
+    ]);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut client = connect(proxy.addr);
+        shutdown_write(&client);
+        let name = read_to_eof(&mut client, 16);
+        seen.push(String::from_utf8(name).unwrap());
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(seen, ["A", "B", "A", "B"]);
+    assert_eq!(a.join(SECS_10), 2, "connections accepted by A");
+    assert_eq!(b.join(SECS_10), 2, "connections accepted by B");
+}
+
+/// Test 9: Fifty clients at once, in five threads, each sending 100KiB in
+/// randomly sized and paced writes to an echo backend, then reading it back.
+#[test]
+fn many_concurrent_connections_are_relayed_byte_exact() {
+    const THREADS: usize = 5;
+    const PER_THREAD: usize = 10;
+    const SIZE: usize = 100 * KIB;
+    let total = THREADS * PER_THREAD;
+    let (listener, backend_addr) = listen();
+    let echo = spawn("echo-acceptor", move || {
+        let mut handlers = Vec::new();
+        for i in 0..total {
+            let mut s = accept_within(&listener, Duration::from_secs(30));
+            handlers.push(spawn(&format!("echo-{i}"), move || {
+                let mut buf = vec![0u8; 16 * KIB];
+                let mut echoed = 0;
+                loop {
+                    let n = s.read(&mut buf).expect("echo read");
+                    if n == 0 {
+                        break;
+                    }
+                    s.write_all(&buf[..n]).expect("echo write");
+                    echoed += n;
+                }
+                shutdown_write(&s);
+                echoed
+            }));
+        }
+        handlers
+    });
+    let proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let proxy_addr = proxy.addr;
+    let clients: Vec<Bg<Vec<SocketAddr>>> = (0..THREADS)
+        .map(|t| {
+            spawn(&format!("clients-{t}"), move || {
+                let mut rng = Rng::new(900 + t as u64);
+                let mut conns: Vec<(TcpStream, Vec<u8>, usize)> = (0..PER_THREAD)
+                    .map(|i| {
+                        let data = random_bytes((t * PER_THREAD + i) as u64 + 1000, SIZE);
+                        (connect(proxy_addr), data, 0)
+                    })
+                    .collect();
+                // Interleave randomly sized writes across the connections.
+                while conns.iter().any(|(_, data, sent)| *sent < data.len()) {
+                    for (s, data, sent) in conns.iter_mut().filter(|(_, d, sent)| *sent < d.len()) {
+                        let n = (1 + rng.below(16 * KIB as u64) as usize).min(data.len() - *sent);
+                        s.write_all(&data[*sent..*sent + n]).expect("client write");
+                        *sent += n;
+                        if *sent == data.len() {
+                            shutdown_write(s);
+                        }
+                        if rng.below(8) == 0 {
+                            thread::sleep(Duration::from_micros(rng.below(2000)));
+                        }
+                    }
+                }
+                conns
+                    .iter_mut()
+                    .map(|(s, data, _)| {
+                        let got = read_to_eof_varied(s, data.len(), Duration::from_secs(30));
+                        assert_bytes_eq("echo", &got, data);
+                        s.local_addr().unwrap()
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let mut client_addrs = Vec::new();
+    for c in clients {
+        client_addrs.extend(c.join(SECS_60));
+    }
+    for handler in echo.join(SECS_10) {
+        assert_eq!(handler.join(SECS_10), SIZE);
+    }
+    let mut proxy = proxy;
+    for addr in client_addrs {
+        let closed = proxy.wait_for_close(addr, SECS_10);
+        assert_eq!(
+            (closed.up_bytes, closed.down_bytes),
+            (SIZE as u64, SIZE as u64),
+            "{}",
+            closed.line
+        );
+        assert_eq!(closed.reason, "done", "{}", closed.line);
+    }
+}
