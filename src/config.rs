@@ -4,6 +4,9 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::balancer::{BackendSpec, Strategy};
 
 pub const DEFAULT_MEMORY_BUFFER: u64 = 64 * 1024;
 pub const DEFAULT_MAX_SPILL: u64 = 1 << 30;
@@ -14,10 +17,26 @@ pub const MIN_MEMORY_BUFFER: u64 = 1024;
 /// Above this one connection could pin gigabytes of RAM per direction.
 pub const MAX_MEMORY_BUFFER: u64 = 1 << 30;
 
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_FAILS: u32 = 3;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub backends: Vec<SocketAddr>,
+    pub backends: Vec<BackendSpec>,
+    pub balance: Strategy,
+    /// How long one connect attempt may take.
+    pub connect_timeout: Duration,
+    /// Other backends tried after a failed connect; `None`: all, once each.
+    pub connect_retries: Option<usize>,
+    /// Connect failures in a row that take a backend down.
+    pub max_fails: u32,
+    /// How long a down backend is skipped before a trial (doubling while
+    /// it keeps failing).
+    pub fail_timeout: Duration,
+    /// Probe every backend this often, if set.
+    pub health_check: Option<Duration>,
     /// Bytes held in memory per direction per connection before spilling.
     pub memory_buffer: u64,
     /// Bytes waiting on disk per direction per connection before reading
@@ -31,6 +50,12 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             backends: Vec::new(),
+            balance: Strategy::RoundRobin,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            connect_retries: None,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            health_check: None,
             memory_buffer: DEFAULT_MEMORY_BUFFER,
             max_spill: DEFAULT_MAX_SPILL,
             temp_dir: std::env::temp_dir(),
@@ -60,6 +85,25 @@ impl Config {
             return Err(ConfigError {
                 flag: "--backend",
                 problem: "at least one backend is needed, e.g. --backend 127.0.0.1:9000".into(),
+            });
+        }
+        let positive = [
+            ("--connect-timeout", self.connect_timeout),
+            ("--fail-timeout", self.fail_timeout),
+            ("--health-check", self.health_check.unwrap_or(Duration::MAX)),
+        ];
+        for (flag, d) in positive {
+            if d.is_zero() {
+                return Err(ConfigError {
+                    flag,
+                    problem: "must be above zero, e.g. 500ms or 5s".into(),
+                });
+            }
+        }
+        if self.max_fails == 0 {
+            return Err(ConfigError {
+                flag: "--max-fails",
+                problem: "must be at least 1".into(),
             });
         }
         if !(MIN_MEMORY_BUFFER..=MAX_MEMORY_BUFFER).contains(&self.memory_buffer) {
@@ -102,6 +146,25 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// Parse a duration such as `500ms`, `5s`, `2m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let expected = || format!("'{s}' is not a duration: expected e.g. 500ms, 5s, 2m or 1h");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(expected)?;
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number.parse().map_err(|_| expected())?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(expected()),
+    };
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(expected)
+}
+
 /// Parse a size such as `64KiB`, `1MiB`, `10MB` or `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     s.trim()
@@ -130,6 +193,17 @@ mod tests {
     }
 
     #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["5", "s", "1.5s", "-1s", "5 s", "5sec", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("64KiB").unwrap(), 65536);
         assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
@@ -143,8 +217,17 @@ mod tests {
     fn validate_names_the_flag() {
         let mut c = Config::default();
         assert_eq!(c.validate().unwrap_err().flag, "--backend");
-        c.backends.push("127.0.0.1:1".parse().unwrap());
+        c.backends.push(BackendSpec {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            weight: 1,
+        });
         c.validate().unwrap();
+        c.max_fails = 0;
+        assert_eq!(c.validate().unwrap_err().flag, "--max-fails");
+        c.max_fails = 1;
+        c.connect_timeout = Duration::ZERO;
+        assert_eq!(c.validate().unwrap_err().flag, "--connect-timeout");
+        c.connect_timeout = DEFAULT_CONNECT_TIMEOUT;
         c.memory_buffer = 10;
         assert_eq!(c.validate().unwrap_err().flag, "--memory-buffer");
         c.memory_buffer = DEFAULT_MEMORY_BUFFER;

@@ -22,10 +22,12 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::balancer::Pool;
 use crate::config::show_size;
 use crate::relay::{Culprit, Direction, Flow, Pumped, pump};
 use crate::spill::SpillBuffer;
 use crate::stats::Stats;
+use crate::timers::{Timer, Timers};
 
 /// Which socket of the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,12 +67,25 @@ impl fmt::Display for Id {
 
 pub struct Connection {
     pub id: Id,
+    /// Where the connection sits in the event loop's slab (for timers).
+    slot: usize,
     client: Option<TcpStream>,
     client_addr: SocketAddr,
     backend: Option<TcpStream>,
-    backend_addr: SocketAddr,
+    backend_token: Token,
+    /// The backend being tried or used, as an index into the pool, and its
+    /// address (kept after close, for the summary).
+    backend_idx: Option<usize>,
+    backend_addr: Option<SocketAddr>,
     /// The backend's non-blocking connect has completed.
     connected: bool,
+    /// An event came for the backend socket while connecting: look at it.
+    connect_ready: bool,
+    /// Connect attempts made, counting from 1; timers name their attempt.
+    attempt: u32,
+    /// Backends tried, and why each failed, for failover and the final error.
+    tried: Vec<usize>,
+    failures: Vec<String>,
     up: Direction,
     down: Direction,
     opened: Instant,
@@ -95,34 +110,55 @@ impl BufferPlan {
     }
 }
 
+/// What a connection needs from the event loop while it runs.
+pub struct Ctx<'a> {
+    pub registry: &'a Registry,
+    pub pool: &'a mut Pool,
+    pub timers: &'a mut Timers,
+    pub scratch: &'a mut [u8],
+    pub stats: &'a Stats,
+    pub connect_timeout: Duration,
+    /// Backends one connection may try: 1 + `--connect-retries`.
+    pub max_attempts: usize,
+}
+
 impl Connection {
-    /// Take an accepted client and start connecting to `backend_addr`.
-    /// Both sockets are registered once, for reading and writing, and stay
-    /// so: readiness is remembered in the directions, not re-armed.
+    /// Take an accepted client and start connecting to a backend. Both
+    /// sockets are registered once, for reading and writing, and stay so:
+    /// readiness is remembered in the directions, not re-armed. Only a
+    /// replacement backend socket (failover) is registered anew.
     pub fn open(
         id: u64,
+        slot: usize,
         client: TcpStream,
         client_addr: SocketAddr,
-        backend_addr: SocketAddr,
         plan: &BufferPlan,
-        registry: &Registry,
         tokens: (Token, Token),
+        ctx: &mut Ctx,
     ) -> io::Result<Connection> {
         let mut client = client;
         // Relayed bytes are already batched by the peers; Nagle would only
         // add latency to the last segment of each burst.
         client.set_nodelay(true)?;
-        let mut backend = TcpStream::connect(backend_addr)?;
-        let both = Interest::READABLE | Interest::WRITABLE;
-        registry.register(&mut client, tokens.0, both)?;
-        registry.register(&mut backend, tokens.1, both)?;
-        Ok(Connection {
+        ctx.registry.register(
+            &mut client,
+            tokens.0,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let mut conn = Connection {
             id: Id(id),
+            slot,
             client: Some(client),
             client_addr,
-            backend: Some(backend),
-            backend_addr,
+            backend: None,
+            backend_token: tokens.1,
+            backend_idx: None,
+            backend_addr: None,
             connected: false,
+            connect_ready: false,
+            attempt: 0,
+            tried: Vec::new(),
+            failures: Vec::new(),
             up: Direction::new("client->backend", plan.buffer()),
             down: Direction::new("backend->client", plan.buffer()),
             opened: Instant::now(),
@@ -130,7 +166,9 @@ impl Connection {
             backend_held: None,
             trouble: None,
             spill_warned: (false, false),
-        })
+        };
+        conn.connect_next(ctx);
+        Ok(conn)
     }
 
     /// Note what an event says about a socket. Errors and hang-ups count as
@@ -143,11 +181,7 @@ impl Connection {
                 self.up.src_ready |= readable;
                 self.down.dst_ready |= writable;
             }
-            Side::Backend if !self.connected => {
-                if writable || readable {
-                    self.finish_connect();
-                }
-            }
+            Side::Backend if !self.connected => self.connect_ready |= readable || writable,
             Side::Backend => {
                 self.down.src_ready |= readable;
                 self.up.dst_ready |= writable;
@@ -155,11 +189,63 @@ impl Connection {
         }
     }
 
+    /// The connect timer for `attempt` ran out.
+    pub fn on_connect_timeout(&mut self, attempt: u32, ctx: &mut Ctx) {
+        if !self.connected && self.attempt == attempt && self.backend.is_some() {
+            let cause = format!("connect timed out after {:?}", ctx.connect_timeout);
+            self.connect_failed(cause, ctx);
+        }
+    }
+
+    /// Start a connect to the next backend the pool offers; when none is
+    /// left (or the retries are spent), give up on the client.
+    fn connect_next(&mut self, ctx: &mut Ctx) {
+        loop {
+            let next = if self.tried.len() < ctx.max_attempts {
+                ctx.pool.pick(Instant::now(), &self.tried)
+            } else {
+                None
+            };
+            let Some(idx) = next else {
+                self.give_up();
+                return;
+            };
+            self.tried.push(idx);
+            let addr = ctx.pool.addr(idx);
+            self.backend_idx = Some(idx);
+            self.backend_addr = Some(addr);
+            self.attempt += 1;
+            let started = TcpStream::connect(addr).and_then(|mut stream| {
+                let both = Interest::READABLE | Interest::WRITABLE;
+                ctx.registry
+                    .register(&mut stream, self.backend_token, both)?;
+                Ok(stream)
+            });
+            match started {
+                Ok(stream) => {
+                    self.backend = Some(stream);
+                    let timer = Timer::ConnectTimeout {
+                        slot: self.slot,
+                        conn: self.id.0,
+                        attempt: self.attempt,
+                    };
+                    ctx.timers.arm(Instant::now() + ctx.connect_timeout, timer);
+                    log::debug!("{} connecting to backend {addr}", self.id);
+                    return;
+                }
+                Err(e) => self.note_connect_failure(idx, e.to_string(), ctx),
+            }
+        }
+    }
+
     /// A non-blocking connect is done when the socket turns writable; then
     /// `take_error` tells whether it failed, and `peer_addr` whether it
     /// really connected (a spurious wake-up leaves it `NotConnected`).
-    fn finish_connect(&mut self) {
-        let Some(backend) = &self.backend else { return };
+    fn finish_connect(&mut self, ctx: &mut Ctx) {
+        self.connect_ready = false;
+        let (Some(backend), Some(idx)) = (&self.backend, self.backend_idx) else {
+            return;
+        };
         let outcome = match backend.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
             Ok(None) => match backend.peer_addr() {
@@ -170,38 +256,71 @@ impl Connection {
         };
         match outcome.and_then(|()| backend.set_nodelay(true)) {
             Ok(()) => {
+                ctx.pool.succeeded(idx);
                 self.connected = true;
                 self.backend_connected_at = Some(Instant::now());
                 self.up.dst_ready = true;
                 self.down.src_ready = true;
-                log::debug!("{} connected to backend {}", self.id, self.backend_addr);
+                log::debug!("{} connected to backend {}", self.id, ctx.pool.addr(idx));
             }
-            Err(e) => {
-                log::warn!(
-                    "{} backend {}: connect failed: {e}; closing client {}",
-                    self.id,
-                    self.backend_addr,
-                    self.client_addr
-                );
-                self.fail(Side::Backend, format!("backend connect failed: {e}"));
-            }
+            Err(e) => self.connect_failed(describe_connect_error(&e), ctx),
         }
+    }
+
+    /// The current connect attempt failed: count it against the backend
+    /// and move on to the next one. What the client sent meanwhile stays
+    /// buffered, so the backend that finally answers gets all of it.
+    fn connect_failed(&mut self, cause: String, ctx: &mut Ctx) {
+        let Some(idx) = self.backend_idx else { return };
+        if let Some(mut stream) = self.backend.take() {
+            let _ = ctx.registry.deregister(&mut stream);
+        }
+        self.note_connect_failure(idx, cause, ctx);
+        self.connect_next(ctx);
+    }
+
+    fn note_connect_failure(&mut self, idx: usize, cause: String, ctx: &mut Ctx) {
+        let addr = ctx.pool.addr(idx);
+        log::warn!("{} backend {addr}: {cause}", self.id);
+        ctx.pool.failed(idx, Instant::now(), &cause);
+        ctx.pool.release(idx);
+        self.backend_idx = None;
+        self.failures.push(format!("{addr} ({cause})"));
+    }
+
+    /// No backend could be reached: close the client, naming each one tried.
+    fn give_up(&mut self) {
+        let tried = if self.failures.is_empty() {
+            "no backend left to try".to_string()
+        } else {
+            self.failures.join(", ")
+        };
+        log::error!(
+            "{} client {}: no backend could be reached: {tried}; closing the client",
+            self.id,
+            self.client_addr
+        );
+        self.fail(Side::Backend, format!("no backend reached: {tried}"));
     }
 
     /// Run both directions as far as readiness allows, then close what is
     /// finished.
-    pub fn drive(&mut self, registry: &Registry, scratch: &mut [u8], stats: &Stats) -> Status {
+    pub fn drive(&mut self, ctx: &mut Ctx) -> Status {
+        if self.connect_ready {
+            self.finish_connect(ctx);
+        }
         let backend = self.backend.as_ref().filter(|_| self.connected);
-        let up = pump(&mut self.up, self.client.as_ref(), backend, scratch);
-        let down = pump(&mut self.down, backend, self.client.as_ref(), scratch);
+        let up = pump(&mut self.up, self.client.as_ref(), backend, ctx.scratch);
+        let down = pump(&mut self.down, backend, self.client.as_ref(), ctx.scratch);
         let busy = matches!(up, Pumped::MoreWork) || matches!(down, Pumped::MoreWork);
         self.warn_on_first_spill();
         self.handle_failure(up, (Side::Client, Side::Backend));
         self.handle_failure(down, (Side::Backend, Side::Client));
-        self.close_finished_sockets(registry);
+        self.close_finished_sockets(ctx);
         if self.client.is_none() && self.backend.is_none() {
             self.log_summary();
-            stats.record_close(self.up.buf.spilled_total() + self.down.buf.spilled_total());
+            ctx.stats
+                .record_close(self.up.buf.spilled_total() + self.down.buf.spilled_total());
             Status::Finished
         } else if busy {
             Status::Busy
@@ -237,8 +356,8 @@ impl Connection {
             }
         };
         let peer = match side {
-            Side::Client => self.client_addr,
-            Side::Backend => self.backend_addr,
+            Side::Client => self.client_addr.to_string(),
+            Side::Backend => self.backend_label(),
         };
         if is_normal_close(&err) {
             log::debug!("{} {side} {peer} closed abruptly: {err}", self.id);
@@ -266,22 +385,29 @@ impl Connection {
     /// A socket is closed once nothing more will be read from it or written
     /// to it. If the stream into it was aborted, it is reset (linger 0) so
     /// the peer cannot take a truncated stream for a complete one.
-    fn close_finished_sockets(&mut self, registry: &Registry) {
+    fn close_finished_sockets(&mut self, ctx: &mut Ctx) {
         if self.up.src_done() && self.down.dst_done() {
             if let Some(client) = self.client.take() {
-                close(registry, client, self.down.flow == Flow::Aborted);
+                close(ctx.registry, client, self.down.flow == Flow::Aborted);
             }
         }
         if self.down.src_done() && self.up.dst_done() {
             if let Some(backend) = self.backend.take() {
-                close(registry, backend, self.up.flow == Flow::Aborted);
+                close(ctx.registry, backend, self.up.flow == Flow::Aborted);
                 self.backend_held = self.backend_connected_at.map(|t| t.elapsed());
+                if let Some(idx) = self.backend_idx.take() {
+                    if !self.connected {
+                        ctx.pool.abandoned(idx, Instant::now());
+                    }
+                    ctx.pool.release(idx);
+                }
             }
         }
     }
 
     /// The operator's cue to tune `--memory-buffer`: once per direction.
     fn warn_on_first_spill(&mut self) {
+        let backend = self.backend_label();
         let directions = [
             (&self.up, &mut self.spill_warned.0),
             (&self.down, &mut self.spill_warned.1),
@@ -294,12 +420,18 @@ impl Connection {
                     self.id,
                     dir.label,
                     self.client_addr,
-                    self.backend_addr,
+                    backend,
                     show_size(dir.buf.memory_limit() as u64),
                     dir.buf.temp_dir().display()
                 );
             }
         }
+    }
+
+    /// The backend's address for logs: "-" if none was ever tried.
+    fn backend_label(&self) -> String {
+        self.backend_addr
+            .map_or_else(|| "-".into(), |a| a.to_string())
     }
 
     fn log_summary(&self) {
@@ -308,7 +440,7 @@ impl Connection {
             "{} closed client={} backend={} up_bytes={} down_bytes={} up_spilled={} down_spilled={} dropped={} backend_held={:.3}s duration={:.3}s reason={}",
             self.id,
             self.client_addr,
-            self.backend_addr,
+            self.backend_label(),
             self.up.bytes_out,
             self.down.bytes_out,
             self.up.buf.spilled_total(),
@@ -341,6 +473,14 @@ fn is_normal_close(err: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::NotConnected
     )
+}
+
+fn describe_connect_error(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+        io::ErrorKind::TimedOut => "connect timed out".to_string(),
+        _ => format!("connect failed: {err}"),
+    }
 }
 
 fn describe(err: &io::Error) -> String {

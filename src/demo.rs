@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
+use crate::balancer::BackendSpec;
 use crate::config::{Config, show_size};
 use crate::event_loop::Proxy;
 
@@ -70,7 +71,10 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, Box<dyn std::error::Error>>
     thread::spawn(move || serve_backend(backend, size, held_tx));
 
     let proxy = Proxy::bind(Config {
-        backends: vec![backend_addr],
+        backends: vec![BackendSpec {
+            addr: backend_addr,
+            weight: 1,
+        }],
         memory_buffer: opts.memory_buffer,
         ..Config::default()
     })?;

@@ -1,8 +1,9 @@
 //! The event loop: one `Poll`, the listener, a slab of connections, and the
 //! signals that stop it.
 //!
-//! Tokens: 0 the listener, 1 signals, 2 the stop waker; then two per
-//! connection slot, client and backend: `slot * 2 + FIRST_CONN (+1)`.
+//! Tokens: 0 the listener, 1 signals, 2 the stop waker, then one per
+//! backend for its health probe, then two per connection slot, client and
+//! backend: `conn_base + slot * 2 (+1)`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,14 +16,17 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::balancer::{FailPolicy, Pool};
 use crate::config::{Config, ConfigError, show_size};
-use crate::connection::{BufferPlan, Connection, Side, Status};
+use crate::connection::{BufferPlan, Connection, Ctx, Side, Status};
+use crate::health::HealthChecks;
 use crate::stats::Stats;
+use crate::timers::{Timer, Timers};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const WAKER: Token = Token(2);
-const FIRST_CONN: usize = 3;
+const FIRST_PROBE: usize = 3;
 
 /// Accepts per listener event before other work gets a turn.
 const ACCEPTS_PER_TURN: usize = 64;
@@ -61,11 +65,15 @@ pub struct Proxy {
     signals: Option<Signals>,
     slots: Vec<Option<Connection>>,
     free_slots: Vec<usize>,
+    /// First connection token: after the probes'.
+    conn_base: usize,
     next_id: u64,
-    next_backend: usize,
     accept_paused_until: Option<Instant>,
     scratch: Vec<u8>,
     stats: Arc<Stats>,
+    pool: Pool,
+    timers: Timers,
+    health: Option<HealthChecks>,
 }
 
 impl Proxy {
@@ -93,17 +101,30 @@ impl Proxy {
                 temp_dir: Arc::<Path>::from(config.temp_dir.as_path()),
             },
             scratch: vec![0; (config.memory_buffer as usize).clamp(64 * 1024, MAX_SCRATCH)],
-            config,
             poll,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
             signals: None,
             slots: Vec::new(),
             free_slots: Vec::new(),
+            conn_base: FIRST_PROBE + config.backends.len(),
             next_id: 1,
-            next_backend: 0,
             accept_paused_until: None,
             stats: Arc::default(),
+            pool: Pool::new(
+                &config.backends,
+                config.balance,
+                FailPolicy {
+                    max_fails: config.max_fails,
+                    fail_timeout: config.fail_timeout,
+                },
+                seed(),
+            ),
+            timers: Timers::default(),
+            health: config
+                .health_check
+                .map(|every| HealthChecks::new(every, config.backends.len(), FIRST_PROBE)),
+            config,
         };
         proxy
             .poll
@@ -143,13 +164,17 @@ impl Proxy {
     pub fn run(mut self) -> io::Result<()> {
         let backends: Vec<String> = self.config.backends.iter().map(|b| b.to_string()).collect();
         log::info!(
-            "listening on {} backends={} memory_buffer={} max_spill={} temp_dir={}",
+            "listening on {} backends={} balance={} memory_buffer={} max_spill={} temp_dir={}",
             self.local_addr,
             backends.join(","),
+            self.config.balance,
             show_size(self.config.memory_buffer),
             show_size(self.config.max_spill),
             self.config.temp_dir.display()
         );
+        if self.health.is_some() {
+            self.timers.arm(Instant::now(), Timer::HealthRound);
+        }
         let mut events = Events::with_capacity(1024);
         // Connections whose last turn ran out of budget with work left, and
         // those to drive this turn: both reused, never reallocated per turn.
@@ -160,8 +185,11 @@ impl Proxy {
             let timeout = if !busy.is_empty() || accept_pending {
                 Some(Duration::ZERO)
             } else {
-                self.accept_paused_until
-                    .map(|t| t.saturating_duration_since(Instant::now()))
+                let next = [self.timers.next_deadline(), self.accept_paused_until]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                next.map(|t| t.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -176,9 +204,10 @@ impl Proxy {
                     LISTENER => accept_pending = true,
                     SIGNALS => self.note_signals(),
                     WAKER => {}
+                    token if token.0 < self.conn_base => self.on_probe_event(token),
                     Token(t) => {
-                        let slot = (t - FIRST_CONN) / 2;
-                        let side = if (t - FIRST_CONN) % 2 == 0 {
+                        let slot = (t - self.conn_base) / 2;
+                        let side = if (t - self.conn_base) % 2 == 0 {
                             Side::Client
                         } else {
                             Side::Backend
@@ -197,13 +226,23 @@ impl Proxy {
                 );
                 return Ok(());
             }
+            self.fire_timers(&mut touched);
             touched.sort_unstable();
             touched.dedup();
             for &slot in &touched {
+                let mut ctx = Ctx {
+                    registry: self.poll.registry(),
+                    pool: &mut self.pool,
+                    timers: &mut self.timers,
+                    scratch: &mut self.scratch,
+                    stats: &self.stats,
+                    connect_timeout: self.config.connect_timeout,
+                    max_attempts: max_attempts(&self.config),
+                };
                 let Some(conn) = self.slots[slot].as_mut() else {
                     continue;
                 };
-                match conn.drive(self.poll.registry(), &mut self.scratch, &self.stats) {
+                match conn.drive(&mut ctx) {
                     Status::Waiting => {}
                     Status::Busy => busy.push(slot),
                     Status::Finished => {
@@ -220,7 +259,63 @@ impl Proxy {
                 accept_pending = true;
             }
             if accept_pending && self.accept_paused_until.is_none() {
-                accept_pending = self.accept_some();
+                accept_pending = self.accept_some(&mut busy);
+            }
+        }
+    }
+
+    /// Run every timer that is due; connections it concerns are added to
+    /// `touched` so they get a turn.
+    fn fire_timers(&mut self, touched: &mut Vec<usize>) {
+        let now = Instant::now();
+        while let Some(timer) = self.timers.pop_due(now) {
+            match timer {
+                Timer::ConnectTimeout {
+                    slot,
+                    conn,
+                    attempt,
+                } => {
+                    let mut ctx = Ctx {
+                        registry: self.poll.registry(),
+                        pool: &mut self.pool,
+                        timers: &mut self.timers,
+                        scratch: &mut self.scratch,
+                        stats: &self.stats,
+                        connect_timeout: self.config.connect_timeout,
+                        max_attempts: max_attempts(&self.config),
+                    };
+                    // The slot may hold another connection by now.
+                    if let Some(c) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+                        if c.id.0 == conn {
+                            c.on_connect_timeout(attempt, &mut ctx);
+                            touched.push(slot);
+                        }
+                    }
+                }
+                Timer::HealthRound => {
+                    if let Some(health) = &mut self.health {
+                        let timeout = self.config.connect_timeout;
+                        health.round(
+                            &mut self.pool,
+                            self.poll.registry(),
+                            &mut self.timers,
+                            timeout,
+                        );
+                    }
+                }
+                Timer::HealthTimeout { backend, probe } => {
+                    if let Some(health) = &mut self.health {
+                        health.on_timeout(backend, probe, &mut self.pool, self.poll.registry());
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_probe_event(&mut self, token: Token) {
+        if let Some(health) = &mut self.health {
+            if let Some(idx) = health.backend_of(token) {
+                health.on_event(idx, &mut self.pool, self.poll.registry());
             }
         }
     }
@@ -245,12 +340,18 @@ impl Proxy {
 
     /// Accept up to a turn's worth of clients. Returns whether more may be
     /// waiting (the listener is edge-triggered: we must come back ourselves).
-    fn accept_some(&mut self) -> bool {
+    fn accept_some(&mut self, busy: &mut Vec<usize>) -> bool {
         for _ in 0..ACCEPTS_PER_TURN {
             match self.listener.accept() {
                 // Bytes the client sent before registration are not lost:
                 // epoll reports a socket's current readiness when it is added.
-                Ok((client, client_addr)) => self.open(client, client_addr),
+                Ok((client, client_addr)) => {
+                    if let Some(slot) = self.open(client, client_addr) {
+                        // Opening may already have failed over or given up
+                        // (no backend could even be dialled): let it run.
+                        busy.push(slot);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if is_transient_accept_error(&e) => {
                     log::debug!("accept: {e}");
@@ -271,43 +372,54 @@ impl Proxy {
 
     /// Set up a connection for a freshly accepted client. If that fails the
     /// client is closed and the reason logged.
-    fn open(&mut self, client: mio::net::TcpStream, client_addr: SocketAddr) {
+    fn open(&mut self, client: mio::net::TcpStream, client_addr: SocketAddr) -> Option<usize> {
         let id = self.next_id;
         self.next_id += 1;
-        let backend_addr = self.config.backends[self.next_backend % self.config.backends.len()];
-        self.next_backend = self.next_backend.wrapping_add(1);
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
         });
         let tokens = (
-            Token(FIRST_CONN + slot * 2),
-            Token(FIRST_CONN + slot * 2 + 1),
+            Token(self.conn_base + slot * 2),
+            Token(self.conn_base + slot * 2 + 1),
         );
-        match Connection::open(
-            id,
-            client,
-            client_addr,
-            backend_addr,
-            &self.plan,
-            self.poll.registry(),
-            tokens,
-        ) {
+        let mut ctx = Ctx {
+            registry: self.poll.registry(),
+            pool: &mut self.pool,
+            timers: &mut self.timers,
+            scratch: &mut self.scratch,
+            stats: &self.stats,
+            connect_timeout: self.config.connect_timeout,
+            max_attempts: max_attempts(&self.config),
+        };
+        match Connection::open(id, slot, client, client_addr, &self.plan, tokens, &mut ctx) {
             Ok(conn) => {
-                log::debug!(
-                    "{} accepted client {client_addr}, connecting to backend {backend_addr}",
-                    conn.id
-                );
+                log::debug!("{} accepted client {client_addr}", conn.id);
                 self.slots[slot] = Some(conn);
+                Some(slot)
             }
             Err(e) => {
-                log::warn!(
-                    "[conn {id}] client {client_addr}: cannot start connection to backend {backend_addr}: {e}"
-                );
+                log::warn!("[conn {id}] client {client_addr}: cannot set up the connection: {e}");
                 self.free_slots.push(slot);
+                None
             }
         }
     }
+}
+
+/// Backends one connection may try: the first, then `--connect-retries`
+/// others (default: all of them, once each).
+fn max_attempts(config: &Config) -> usize {
+    let others = config.backends.len() - 1;
+    1 + config.connect_retries.map_or(others, |n| n.min(others))
+}
+
+/// A seed for random2 that differs between runs.
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
 }
 
 /// Errors after which the next accept may well succeed at once.

@@ -5,14 +5,17 @@
 //! The binary is a thin command line over this library; tests, benches and
 //! `spillway demo` drive the proxy in-process through [`Proxy`].
 
+pub mod balancer;
 pub mod config;
 pub mod connection;
 pub mod demo;
 pub mod event_loop;
+pub mod health;
 pub mod logging;
 pub mod relay;
 pub mod spill;
 pub mod stats;
+pub mod timers;
 
 pub use config::{Config, ConfigError};
 pub use event_loop::{Proxy, Stopper};

@@ -4,23 +4,27 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
-use spillway::config::{self, Config, parse_addr, parse_size};
+use spillway::balancer::{BackendSpec, Strategy, parse_backend};
+use spillway::config::{self, Config, parse_addr, parse_duration, parse_size};
 use spillway::demo::{self, DemoOptions};
 use spillway::logging::{self, LevelFilter, parse_level};
 
 const EXAMPLES: &str = "\
 Examples:
   spillway --listen 0.0.0.0:8080 --backend 10.0.0.5:9000
-  spillway --listen [::]:8080 --backend app1:9000 --backend app2:9000 \\
+  spillway --listen [::]:8080 --backend app1:9000 --backend app2:9000,weight=2 \\
+           --balance least-conn --health-check 2s \\
            --memory-buffer 256KiB --max-spill 4GiB --temp-dir /var/cache/spillway
   spillway demo                       see what it is for, on loopback
 
 SIZE is a byte count with an optional unit: 4096, 64KiB, 1MiB, 10MB, 1GiB.
-ADDR is host:port: an IPv4 address, [IPv6], or a name resolved at start.";
+ADDR is host:port: an IPv4 address, [IPv6], or a name resolved at start.
+DUR is a whole number with a unit: 500ms, 5s, 2m, 1h.";
 
 /// A TCP reverse proxy that buffers what slow clients cannot take yet in
 /// memory, then on disk, so backends are released as soon as they are done.
@@ -36,10 +40,37 @@ struct Cli {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr, required = true)]
     listen: Option<SocketAddr>,
 
-    /// Backend to relay to, e.g. 10.0.0.5:9000; repeat for several
-    /// (connections go round-robin)
-    #[arg(long = "backend", value_name = "ADDR", value_parser = parse_addr, required = true)]
-    backends: Vec<SocketAddr>,
+    /// Backend to relay to, e.g. 10.0.0.5:9000 or 10.0.0.6:9000,weight=3;
+    /// repeat for several
+    #[arg(long = "backend", value_name = "ADDR[,weight=N]", value_parser = parse_backend, required = true)]
+    backends: Vec<BackendSpec>,
+
+    /// How connections are spread over backends: round-robin (smooth,
+    /// weighted), least-conn (fewest active per weight) or random2 (the
+    /// less loaded of two random picks)
+    #[arg(long, value_name = "STRATEGY", value_parser = Strategy::parse, default_value = "round-robin")]
+    balance: Strategy,
+
+    /// How long one connect to a backend may take, e.g. 500ms, 5s, 2m
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
+    connect_timeout: Duration,
+
+    /// Other backends tried after a failed connect [default: all, once each]
+    #[arg(long, value_name = "N")]
+    connect_retries: Option<usize>,
+
+    /// Failed connects in a row that take a backend out
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_FAILS)]
+    max_fails: u32,
+
+    /// How long a backend stays out before one connection tries it again
+    /// (doubling while it keeps failing, up to 5m)
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+    fail_timeout: Duration,
+
+    /// Probe every backend with a TCP connect this often, e.g. 2s [default: off]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    health_check: Option<Duration>,
 
     /// In-memory bytes per direction per connection before spilling to disk
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
@@ -124,6 +155,12 @@ fn serve(cli: Cli) -> ExitCode {
     let config = Config {
         listen: cli.listen.expect("clap requires --listen"),
         backends: cli.backends,
+        balance: cli.balance,
+        connect_timeout: cli.connect_timeout,
+        connect_retries: cli.connect_retries,
+        max_fails: cli.max_fails,
+        fail_timeout: cli.fail_timeout,
+        health_check: cli.health_check,
         memory_buffer: cli.memory_buffer,
         max_spill: cli.max_spill,
         temp_dir: cli.temp_dir.unwrap_or_else(std::env::temp_dir),

@@ -1,0 +1,137 @@
+//! Active health checks: every `--health-check` interval, a TCP connect to
+//! each backend that is up (to catch one that stopped answering before a
+//! client does) or whose down time is over (to bring it back without
+//! sacrificing a client). A probe's verdict counts like a connection's.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::balancer::Pool;
+use crate::timers::{Timer, Timers};
+
+struct Probe {
+    stream: TcpStream,
+    id: u64,
+}
+
+pub struct HealthChecks {
+    interval: Duration,
+    /// Token of backend 0's probe; backend i uses `first_token + i`.
+    first_token: usize,
+    probes: Vec<Option<Probe>>,
+    next_id: u64,
+}
+
+impl HealthChecks {
+    pub fn new(interval: Duration, backends: usize, first_token: usize) -> Self {
+        HealthChecks {
+            interval,
+            first_token,
+            probes: (0..backends).map(|_| None).collect(),
+            next_id: 0,
+        }
+    }
+
+    /// The backend whose probe owns `token`, if it is a probe's.
+    pub fn backend_of(&self, token: Token) -> Option<usize> {
+        token
+            .0
+            .checked_sub(self.first_token)
+            .filter(|&i| i < self.probes.len())
+    }
+
+    /// Probe every backend that needs it and arm the next round.
+    pub fn round(
+        &mut self,
+        pool: &mut Pool,
+        registry: &Registry,
+        timers: &mut Timers,
+        timeout: Duration,
+    ) {
+        let now = Instant::now();
+        for idx in 0..self.probes.len() {
+            if self.probes[idx].is_some() {
+                continue; // the last one has not answered yet
+            }
+            let trial = pool.due_for_trial(idx, now);
+            if !(pool.is_up(idx) || trial) {
+                continue;
+            }
+            if trial {
+                pool.start_trial(idx);
+            }
+            let addr = pool.addr(idx);
+            let started = TcpStream::connect(addr).and_then(|mut stream| {
+                registry.register(
+                    &mut stream,
+                    Token(self.first_token + idx),
+                    Interest::WRITABLE,
+                )?;
+                Ok(stream)
+            });
+            match started {
+                Ok(stream) => {
+                    self.next_id += 1;
+                    let id = self.next_id;
+                    self.probes[idx] = Some(Probe { stream, id });
+                    // A probe may not outlast the round it belongs to.
+                    let patience = timeout.min(self.interval);
+                    timers.arm(
+                        now + patience,
+                        Timer::HealthTimeout {
+                            backend: idx,
+                            probe: id,
+                        },
+                    );
+                }
+                Err(e) => {
+                    pool.failed(idx, now, &format!("health check: {e}"));
+                }
+            }
+        }
+        timers.arm(now + self.interval, Timer::HealthRound);
+    }
+
+    /// The probe socket of `idx` became writable or failed: judge it.
+    pub fn on_event(&mut self, idx: usize, pool: &mut Pool, registry: &Registry) {
+        let Some(probe) = &self.probes[idx] else {
+            return;
+        };
+        let verdict = match probe.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match probe.stream.peer_addr() {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => Err(e),
+            },
+        };
+        self.finish(idx, registry);
+        match verdict {
+            Ok(()) => pool.succeeded(idx),
+            Err(e) => {
+                let cause = format!("health check: {e}");
+                log::debug!("backend {}: {cause}", pool.addr(idx));
+                pool.failed(idx, Instant::now(), &cause);
+            }
+        }
+    }
+
+    /// Probe `probe` of `idx` ran out of time.
+    pub fn on_timeout(&mut self, idx: usize, probe: u64, pool: &mut Pool, registry: &Registry) {
+        if self.probes[idx].as_ref().is_some_and(|p| p.id == probe) {
+            self.finish(idx, registry);
+            let cause = "health check timed out";
+            log::debug!("backend {}: {cause}", pool.addr(idx));
+            pool.failed(idx, Instant::now(), cause);
+        }
+    }
+
+    fn finish(&mut self, idx: usize, registry: &Registry) {
+        if let Some(mut probe) = self.probes[idx].take() {
+            let _ = registry.deregister(&mut probe.stream);
+        }
+    }
+}
