@@ -281,7 +281,11 @@ impl Connection {
 
     fn note_connect_failure(&mut self, idx: usize, cause: String, ctx: &mut Ctx) {
         let addr = ctx.pool.addr(idx);
-        log::warn!("{} backend {addr}: {cause}", self.id);
+        log::warn!(
+            "{} client {}: backend {addr}: {cause}",
+            self.id,
+            self.client_addr
+        );
         ctx.pool.failed(idx, Instant::now(), &cause);
         ctx.pool.release(idx);
         self.backend_idx = None;

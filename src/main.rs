@@ -33,7 +33,8 @@ DUR is a whole number with a unit: 500ms, 5s, 2m, 1h.";
     name = "spillway",
     version,
     after_help = EXAMPLES,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    allow_negative_numbers = true
 )]
 struct Cli {
     /// Address to accept clients on, e.g. 0.0.0.0:8080

@@ -134,14 +134,38 @@ fn assert_each_refused(flag: &str, bad: &[&[&str]]) {
 }
 
 #[test]
+fn bad_balancing_flags_are_refused() {
+    assert_each_refused("--balance", &[&["--balance", "fastest"]]);
+    for flag in ["--connect-timeout", "--fail-timeout", "--health-check"] {
+        let no_unit = format!("{flag}=5");
+        let zero = format!("{flag}=0s");
+        let fraction = format!("{flag}=1.5s");
+        assert_each_refused(flag, &[&[&no_unit], &[&zero], &[&fraction]]);
+    }
+    assert_each_refused(
+        "--max-fails",
+        &[&["--max-fails", "0"], &["--max-fails", "many"]],
+    );
+    assert_each_refused("--connect-retries", &[&["--connect-retries", "-1"]]);
+}
+
+#[test]
+fn bad_backend_weight_is_refused() {
+    for weight in ["weight=0", "weight=1001", "weight=x", "w=2"] {
+        let backend = format!("{},{weight}", some_backend());
+        assert_refused(&["--listen", LISTEN, "--backend", &backend], "--backend");
+    }
+}
+
+#[test]
 fn bad_memory_buffer_is_refused() {
     assert_each_refused(
         "--memory-buffer",
         &[
             &["--memory-buffer", "lots"],
             &["--memory-buffer", "64KiBs"],
-            // "--memory-buffer -1" would be read as an unknown flag -1.
             &["--memory-buffer=-1"],
+            &["--memory-buffer", "-1"],
             // Below the 1KiB minimum and above the 1GiB maximum.
             &["--memory-buffer", "10"],
             &["--memory-buffer", "2GiB"],
@@ -225,6 +249,12 @@ fn help_lists_every_flag() {
     for flag in [
         "--listen",
         "--backend",
+        "--balance",
+        "--connect-timeout",
+        "--connect-retries",
+        "--max-fails",
+        "--fail-timeout",
+        "--health-check",
         "--memory-buffer",
         "--max-spill",
         "--temp-dir",
