@@ -95,6 +95,10 @@ pub struct Connection {
     trouble: Option<String>,
     /// The spill warning was logged for (up, down).
     spill_warned: (bool, bool),
+    /// epoll reported an error on (client, backend): look at it even if
+    /// no read or write would (a reset after the peer's EOF, while nothing
+    /// is waiting to be written to it, shows up nowhere else).
+    errored: (bool, bool),
 }
 
 /// How a connection's buffers are sized and where they spill.
@@ -166,6 +170,7 @@ impl Connection {
             backend_held: None,
             trouble: None,
             spill_warned: (false, false),
+            errored: (false, false),
         };
         conn.connect_next(ctx);
         Ok(conn)
@@ -176,6 +181,12 @@ impl Connection {
     pub fn on_event(&mut self, side: Side, event: &mio::event::Event) {
         let readable = event.is_readable() || event.is_read_closed() || event.is_error();
         let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+        if event.is_error() {
+            match side {
+                Side::Client => self.errored.0 = true,
+                Side::Backend => self.errored.1 = true,
+            }
+        }
         match side {
             Side::Client => {
                 self.up.src_ready |= readable;
@@ -313,6 +324,7 @@ impl Connection {
         if self.connect_ready {
             self.finish_connect(ctx);
         }
+        self.check_socket_errors();
         let backend = self.backend.as_ref().filter(|_| self.connected);
         let up = pump(&mut self.up, self.client.as_ref(), backend, ctx.scratch);
         let down = pump(&mut self.down, backend, self.client.as_ref(), ctx.scratch);
@@ -330,6 +342,26 @@ impl Connection {
             Status::Busy
         } else {
             Status::Waiting
+        }
+    }
+
+    /// Fail a socket that epoll flagged with an error, if `SO_ERROR` says
+    /// so (a connecting backend's errors are `finish_connect`'s).
+    fn check_socket_errors(&mut self) {
+        let flagged = std::mem::take(&mut self.errored);
+        let backend = self.backend.as_ref().filter(|_| self.connected);
+        let client_err = flagged
+            .0
+            .then(|| self.client.as_ref().map(TcpStream::take_error));
+        let backend_err = flagged.1.then(|| backend.map(TcpStream::take_error));
+        let found = [
+            (Side::Client, Side::Backend, client_err),
+            (Side::Backend, Side::Client, backend_err),
+        ];
+        for (side, other, result) in found {
+            if let Some(Some(Ok(Some(err)) | Err(err))) = result {
+                self.handle_failure(Pumped::Failed(Culprit::Sender, err), (side, other));
+            }
         }
     }
 
@@ -381,6 +413,10 @@ impl Connection {
             Side::Backend => (&mut self.up, &mut self.down),
         };
         into.abort();
+        // Bytes it sent that we had not read yet may have ended in an EOF,
+        // but after a reset the kernel reports the end of a cut stream the
+        // same way (read returns 0): only an EOF seen before the failure
+        // proves the stream complete.
         if out_of.flow == Flow::Open {
             out_of.abort();
         }

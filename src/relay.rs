@@ -84,6 +84,8 @@ pub struct Direction {
     pub bytes_out: u64,
     /// Bytes thrown away when the direction was aborted.
     pub bytes_dropped: u64,
+    /// Aborted, and the sender has also stopped sending (EOF or error).
+    sender_gone: bool,
 }
 
 impl Direction {
@@ -97,6 +99,7 @@ impl Direction {
             bytes_in: 0,
             bytes_out: 0,
             bytes_dropped: 0,
+            sender_gone: false,
         }
     }
 
@@ -133,6 +136,9 @@ pub fn pump<R: Read, W: Receiver>(
     mut dst: Option<W>,
     scratch: &mut [u8],
 ) -> Pumped {
+    if dir.flow == Flow::Aborted {
+        return discard(dir, src, scratch);
+    }
     for _ in 0..OPS_PER_PUMP {
         if dir.dst_done() {
             return Pumped::Idle;
@@ -175,6 +181,36 @@ pub fn pump<R: Read, W: Receiver>(
                 Fill::SourceFailed(e) => return Pumped::Failed(Culprit::Sender, e),
                 Fill::SpillFailed(e) => return Pumped::Failed(Culprit::SpillFile, e),
             }
+        }
+        return Pumped::Idle;
+    }
+    Pumped::MoreWork
+}
+
+/// An aborted direction whose sender is still open: read what it sends and
+/// drop it. Left unread, those bytes would make the kernel answer our later
+/// close of that socket with a reset, which throws away whatever we still
+/// had queued for it in the other direction.
+fn discard<R: Read>(dir: &mut Direction, mut src: Option<R>, scratch: &mut [u8]) -> Pumped {
+    let Some(src) = src
+        .as_mut()
+        .filter(|_| !dir.sender_gone && !scratch.is_empty())
+    else {
+        return Pumped::Idle;
+    };
+    for _ in 0..OPS_PER_PUMP {
+        if !dir.src_ready {
+            return Pumped::Idle;
+        }
+        match src.read(scratch) {
+            Ok(0) => dir.sender_gone = true,
+            Ok(n) => {
+                dir.bytes_dropped += n as u64;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dir.src_ready = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => dir.sender_gone = true,
         }
         return Pumped::Idle;
     }
