@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use spillway::disk::DiskBudget;
 use spillway::spill::{Drain, Fill, SpillBuffer};
 
 const MEMORY: usize = 64 * 1024;
@@ -59,7 +60,12 @@ fn memory_mode(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut group = c.benchmark_group("buffer/memory");
     group.throughput(Throughput::Bytes(MEMORY as u64));
-    let mut buf = SpillBuffer::new(MEMORY, 1 << 30, Arc::<Path>::from(dir.path()));
+    let mut buf = SpillBuffer::new(
+        MEMORY,
+        1 << 30,
+        Arc::<Path>::from(dir.path()),
+        Arc::new(DiskBudget::new(None)),
+    );
     let mut src = Source { chunk: MEMORY };
     let mut scratch = vec![0u8; MEMORY];
     group.bench_function("fill+drain 64KiB", |b| {
@@ -77,7 +83,12 @@ fn spill_mode(c: &mut Criterion) {
     let mut group = c.benchmark_group("buffer/spill");
     group.throughput(Throughput::Bytes(backlog));
     group.sample_size(20);
-    let mut buf = SpillBuffer::new(MEMORY, 1 << 30, Arc::<Path>::from(dir.path()));
+    let mut buf = SpillBuffer::new(
+        MEMORY,
+        1 << 30,
+        Arc::<Path>::from(dir.path()),
+        Arc::new(DiskBudget::new(None)),
+    );
     let mut src = Source { chunk: MEMORY };
     let mut scratch = vec![0u8; MEMORY];
     group.bench_function("fill 16MiB to disk, drain", |b| {

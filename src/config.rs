@@ -20,6 +20,9 @@ pub const MAX_MEMORY_BUFFER: u64 = 1 << 30;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_FAILS: u32 = 3;
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -43,6 +46,14 @@ pub struct Config {
     /// from the sender stops.
     pub max_spill: u64,
     pub temp_dir: PathBuf,
+    /// Client connections held at once; beyond, accepting pauses.
+    pub max_connections: usize,
+    /// Disk all spill files together may occupy; `None`: unlimited.
+    pub max_disk: Option<u64>,
+    /// Close a connection with no bytes moving either way for this long.
+    pub idle_timeout: Duration,
+    /// How long in-flight connections may drain after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Config {
@@ -59,6 +70,10 @@ impl Default for Config {
             memory_buffer: DEFAULT_MEMORY_BUFFER,
             max_spill: DEFAULT_MAX_SPILL,
             temp_dir: std::env::temp_dir(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_disk: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -91,6 +106,7 @@ impl Config {
             ("--connect-timeout", self.connect_timeout),
             ("--fail-timeout", self.fail_timeout),
             ("--health-check", self.health_check.unwrap_or(Duration::MAX)),
+            ("--idle-timeout", self.idle_timeout),
         ];
         for (flag, d) in positive {
             if d.is_zero() {
@@ -99,6 +115,12 @@ impl Config {
                     problem: "must be above zero, e.g. 500ms or 5s".into(),
                 });
             }
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError {
+                flag: "--max-connections",
+                problem: "must be at least 1".into(),
+            });
         }
         if self.max_fails == 0 {
             return Err(ConfigError {

@@ -17,6 +17,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -24,6 +25,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::balancer::Pool;
 use crate::config::show_size;
+use crate::disk::DiskBudget;
 use crate::relay::{Culprit, Direction, Flow, Pumped, pump};
 use crate::spill::SpillBuffer;
 use crate::stats::Stats;
@@ -99,18 +101,31 @@ pub struct Connection {
     /// no read or write would (a reset after the peer's EOF, while nothing
     /// is waiting to be written to it, shows up nowhere else).
     errored: (bool, bool),
+    /// A "cannot spill" warning is standing for (up, down).
+    disk_warned: (bool, bool),
+    /// When a byte last moved, either way (for --idle-timeout).
+    last_active: Instant,
+    /// Close without resetting peers even if streams were cut (idle
+    /// timeout: nothing was in flight).
+    gentle: bool,
 }
 
 /// How a connection's buffers are sized and where they spill.
 pub struct BufferPlan {
     pub memory: usize,
     pub max_spill: u64,
-    pub temp_dir: std::sync::Arc<std::path::Path>,
+    pub temp_dir: Arc<std::path::Path>,
+    pub disk: Arc<DiskBudget>,
 }
 
 impl BufferPlan {
     fn buffer(&self) -> SpillBuffer {
-        SpillBuffer::new(self.memory, self.max_spill, self.temp_dir.clone())
+        SpillBuffer::new(
+            self.memory,
+            self.max_spill,
+            self.temp_dir.clone(),
+            self.disk.clone(),
+        )
     }
 }
 
@@ -171,6 +186,9 @@ impl Connection {
             trouble: None,
             spill_warned: (false, false),
             errored: (false, false),
+            disk_warned: (false, false),
+            last_active: Instant::now(),
+            gentle: false,
         };
         conn.connect_next(ctx);
         Ok(conn)
@@ -325,13 +343,23 @@ impl Connection {
             self.finish_connect(ctx);
         }
         self.check_socket_errors();
+        let moved_before = self.bytes_moved();
         let backend = self.backend.as_ref().filter(|_| self.connected);
         let up = pump(&mut self.up, self.client.as_ref(), backend, ctx.scratch);
         let down = pump(&mut self.down, backend, self.client.as_ref(), ctx.scratch);
         let busy = matches!(up, Pumped::MoreWork) || matches!(down, Pumped::MoreWork);
+        if self.bytes_moved() != moved_before {
+            self.last_active = Instant::now();
+        }
         self.warn_on_first_spill();
+        self.warn_on_disk_trouble();
         self.handle_failure(up, (Side::Client, Side::Backend));
         self.handle_failure(down, (Side::Backend, Side::Client));
+        self.finish_turn(ctx, busy)
+    }
+
+    /// Close what is finished; report what the event loop should do next.
+    fn finish_turn(&mut self, ctx: &mut Ctx, busy: bool) -> Status {
         self.close_finished_sockets(ctx);
         if self.client.is_none() && self.backend.is_none() {
             self.log_summary();
@@ -363,6 +391,44 @@ impl Connection {
                 self.handle_failure(Pumped::Failed(Culprit::Sender, err), (side, other));
             }
         }
+    }
+
+    /// End the connection now, whatever is in flight: for `--idle-timeout`
+    /// (`gentle`: peers get a normal close, nothing was moving) and at the
+    /// end of a graceful shutdown (peers are reset: their streams were cut).
+    pub fn close_now(&mut self, reason: &str, gentle: bool, ctx: &mut Ctx) -> Status {
+        self.trouble.get_or_insert_with(|| reason.to_string());
+        self.gentle = gentle;
+        self.up.abort();
+        self.down.abort();
+        self.finish_turn(ctx, false)
+    }
+
+    /// How long since a byte moved either way.
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_active)
+    }
+
+    /// Nothing is held for either peer: closing now would lose nothing.
+    pub fn is_quiet(&self) -> bool {
+        self.connected && self.up.buf.is_empty() && self.down.buf.is_empty()
+    }
+
+    /// Bytes held for the peers right now.
+    pub fn held(&self) -> u64 {
+        self.up.buf.len() + self.down.buf.len()
+    }
+
+    /// Stopped reading because no disk space could be had: needs another
+    /// turn when space may have freed, since no socket event will say so.
+    pub fn waiting_for_disk(&self) -> bool {
+        [&self.up, &self.down]
+            .iter()
+            .any(|d| d.flow == Flow::Open && d.src_ready && d.buf.disk_blocked().is_some())
+    }
+
+    fn bytes_moved(&self) -> u64 {
+        self.up.bytes_in + self.up.bytes_out + self.down.bytes_in + self.down.bytes_out
     }
 
     fn handle_failure(&mut self, pumped: Pumped, (sender, receiver): (Side, Side)) {
@@ -428,12 +494,14 @@ impl Connection {
     fn close_finished_sockets(&mut self, ctx: &mut Ctx) {
         if self.up.src_done() && self.down.dst_done() {
             if let Some(client) = self.client.take() {
-                close(ctx.registry, client, self.down.flow == Flow::Aborted);
+                let reset = self.down.flow == Flow::Aborted && !self.gentle;
+                close(ctx.registry, client, reset);
             }
         }
         if self.down.src_done() && self.up.dst_done() {
             if let Some(backend) = self.backend.take() {
-                close(ctx.registry, backend, self.up.flow == Flow::Aborted);
+                let reset = self.up.flow == Flow::Aborted && !self.gentle;
+                close(ctx.registry, backend, reset);
                 self.backend_held = self.backend_connected_at.map(|t| t.elapsed());
                 if let Some(idx) = self.backend_idx.take() {
                     if !self.connected {
@@ -464,6 +532,36 @@ impl Connection {
                     show_size(dir.buf.memory_limit() as u64),
                     dir.buf.temp_dir().display()
                 );
+            }
+        }
+    }
+
+    /// WARN once when a direction cannot spill (disk full, over quota,
+    /// --max-disk) and falls back to backpressure; INFO when it can again.
+    fn warn_on_disk_trouble(&mut self) {
+        let backend = self.backend_label();
+        let directions = [
+            (&self.up, &mut self.disk_warned.0, "client"),
+            (&self.down, &mut self.disk_warned.1, "backend"),
+        ];
+        for (dir, warned, sender) in directions {
+            match (dir.buf.disk_blocked(), *warned) {
+                (Some(cause), false) => {
+                    *warned = true;
+                    log::warn!(
+                        "{} {} cannot spill to {} ({cause}); holding {} in memory and pausing reads from the {sender} until space frees: client={} backend={backend}",
+                        self.id,
+                        dir.label,
+                        dir.buf.temp_dir().display(),
+                        show_size(dir.buf.len()),
+                        self.client_addr,
+                    );
+                }
+                (None, true) => {
+                    *warned = false;
+                    log::info!("{} {} spilling again", self.id, dir.label);
+                }
+                _ => {}
             }
         }
     }

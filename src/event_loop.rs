@@ -1,9 +1,14 @@
-//! The event loop: one `Poll`, the listener, a slab of connections, and the
-//! signals that stop it.
+//! The event loop: one `Poll`, the listener, a slab of connections, the
+//! timers, and the signals.
 //!
 //! Tokens: 0 the listener, 1 signals, 2 the stop waker, then one per
 //! backend for its health probe, then two per connection slot, client and
 //! backend: `conn_base + slot * 2 (+1)`.
+//!
+//! One turn: poll (sleeping until the earliest timer when nothing is
+//! ready), note readiness, run due timers, drive every connection touched,
+//! then accept. Work that a turn leaves (a connection whose budget ran out,
+//! a listener with more clients) makes the next poll not wait.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +24,9 @@ use signal_hook_mio::v1_0::Signals;
 use crate::balancer::{FailPolicy, Pool};
 use crate::config::{Config, ConfigError, show_size};
 use crate::connection::{BufferPlan, Connection, Ctx, Side, Status};
+use crate::disk::DiskBudget;
 use crate::health::HealthChecks;
+use crate::logging;
 use crate::stats::Stats;
 use crate::timers::{Timer, Timers};
 
@@ -32,13 +39,23 @@ const FIRST_PROBE: usize = 3;
 const ACCEPTS_PER_TURN: usize = 64;
 
 /// How long to stop accepting when the process is out of file descriptors
-/// or memory: accepting again at once would only fail again, in a spin.
+/// or memory and no connection has closed to free one: accepting again at
+/// once would only fail again, in a spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How often directions that could not get disk space try again, when no
+/// spill file has given space back meanwhile (the disk may be shared).
+const DISK_RETRY: Duration = Duration::from_millis(250);
+
+/// During a graceful shutdown, how often to look for connections that have
+/// gone quiet, and how long one must have been quiet to be closed.
+const SHUTDOWN_TICK: Duration = Duration::from_millis(100);
+const QUIET_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// Largest read into the spill path's scratch buffer.
 const MAX_SCRATCH: usize = 1 << 20;
 
-/// Stops a running proxy from another thread.
+/// Stops a running proxy from another thread, at once.
 #[derive(Clone)]
 pub struct Stopper {
     flag: Arc<AtomicBool>,
@@ -54,9 +71,30 @@ impl Stopper {
     }
 }
 
+/// Where accepting stands.
+#[derive(Default)]
+struct Accepting {
+    /// The listener may have clients waiting (it is edge-triggered).
+    pending: bool,
+    /// Out of fds or memory: not before then (or until a connection closes).
+    paused_until: Option<Instant>,
+    /// The accept error of this burst was logged.
+    error_logged: bool,
+    /// `--max-connections` is reached: clients wait in the kernel backlog.
+    at_limit: bool,
+}
+
+/// A graceful shutdown under way.
+struct Draining {
+    deadline: Instant,
+    quiet_closed: usize,
+    drained: usize,
+}
+
 pub struct Proxy {
     poll: Poll,
-    listener: TcpListener,
+    /// `None` once a shutdown has begun: new clients are refused.
+    listener: Option<TcpListener>,
     local_addr: SocketAddr,
     config: Config,
     plan: BufferPlan,
@@ -65,15 +103,39 @@ pub struct Proxy {
     signals: Option<Signals>,
     slots: Vec<Option<Connection>>,
     free_slots: Vec<usize>,
+    /// Connections open now.
+    live: usize,
     /// First connection token: after the probes'.
     conn_base: usize,
     next_id: u64,
-    accept_paused_until: Option<Instant>,
+    accepting: Accepting,
     scratch: Vec<u8>,
     stats: Arc<Stats>,
     pool: Pool,
     timers: Timers,
     health: Option<HealthChecks>,
+    disk: Arc<DiskBudget>,
+    /// Connections that stopped reading for want of disk space.
+    disk_waiters: Vec<usize>,
+    disk_releases_seen: u64,
+    disk_retry_at: Option<Instant>,
+    draining: Option<Draining>,
+}
+
+/// A connection's view of the loop, borrowed field by field so that the
+/// slab can be borrowed beside it.
+macro_rules! ctx {
+    ($p:ident) => {
+        Ctx {
+            registry: $p.poll.registry(),
+            pool: &mut $p.pool,
+            timers: &mut $p.timers,
+            scratch: &mut $p.scratch,
+            stats: &$p.stats,
+            connect_timeout: $p.config.connect_timeout,
+            max_attempts: max_attempts(&$p.config),
+        }
+    };
 }
 
 impl Proxy {
@@ -81,7 +143,7 @@ impl Proxy {
     /// `run`; an error here means nothing is listening.
     pub fn bind(config: Config) -> Result<Proxy, ConfigError> {
         config.validate()?;
-        let listener = TcpListener::bind(config.listen).map_err(|e| ConfigError {
+        let mut listener = TcpListener::bind(config.listen).map_err(|e| ConfigError {
             flag: "--listen",
             problem: format!("cannot listen on {}: {e}", config.listen),
         })?;
@@ -92,13 +154,18 @@ impl Proxy {
         let local_addr = listener.local_addr().map_err(startup)?;
         let poll = Poll::new().map_err(startup)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(startup)?);
-        let mut proxy = Proxy {
-            listener,
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(startup)?;
+        let disk = Arc::new(DiskBudget::new(config.max_disk));
+        Ok(Proxy {
+            listener: Some(listener),
             local_addr,
             plan: BufferPlan {
                 memory: config.memory_buffer as usize,
                 max_spill: config.max_spill,
                 temp_dir: Arc::<Path>::from(config.temp_dir.as_path()),
+                disk: disk.clone(),
             },
             scratch: vec![0; (config.memory_buffer as usize).clamp(64 * 1024, MAX_SCRATCH)],
             poll,
@@ -107,9 +174,10 @@ impl Proxy {
             signals: None,
             slots: Vec::new(),
             free_slots: Vec::new(),
+            live: 0,
             conn_base: FIRST_PROBE + config.backends.len(),
             next_id: 1,
-            accept_paused_until: None,
+            accepting: Accepting::default(),
             stats: Arc::default(),
             pool: Pool::new(
                 &config.backends,
@@ -124,14 +192,13 @@ impl Proxy {
             health: config
                 .health_check
                 .map(|every| HealthChecks::new(every, config.backends.len(), FIRST_PROBE)),
+            disk,
+            disk_waiters: Vec::new(),
+            disk_releases_seen: 0,
+            disk_retry_at: None,
+            draining: None,
             config,
-        };
-        proxy
-            .poll
-            .registry()
-            .register(&mut proxy.listener, LISTENER, Interest::READABLE)
-            .map_err(startup)?;
-        Ok(proxy)
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -149,10 +216,11 @@ impl Proxy {
         }
     }
 
-    /// Stop on SIGINT or SIGTERM (what the binary wants; an embedding
-    /// program may prefer its own handling).
-    pub fn stop_on_signals(&mut self) -> io::Result<()> {
-        let mut signals = Signals::new([libc::SIGINT, libc::SIGTERM])?;
+    /// Handle SIGTERM/SIGINT (graceful shutdown; a second one exits at once)
+    /// and SIGHUP (reopen the log file): what the binary wants; an
+    /// embedding program may prefer its own handling.
+    pub fn handle_signals(&mut self) -> io::Result<()> {
+        let mut signals = Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
         self.poll
             .registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
@@ -164,12 +232,14 @@ impl Proxy {
     pub fn run(mut self) -> io::Result<()> {
         let backends: Vec<String> = self.config.backends.iter().map(|b| b.to_string()).collect();
         log::info!(
-            "listening on {} backends={} balance={} memory_buffer={} max_spill={} temp_dir={}",
+            "listening on {} backends={} balance={} memory_buffer={} max_spill={} max_disk={} max_connections={} temp_dir={}",
             self.local_addr,
             backends.join(","),
             self.config.balance,
             show_size(self.config.memory_buffer),
             show_size(self.config.max_spill),
+            self.config.max_disk.map_or("unlimited".into(), show_size),
+            self.config.max_connections,
             self.config.temp_dir.display()
         );
         if self.health.is_some() {
@@ -180,16 +250,12 @@ impl Proxy {
         // those to drive this turn: both reused, never reallocated per turn.
         let mut busy: Vec<usize> = Vec::new();
         let mut touched: Vec<usize> = Vec::new();
-        let mut accept_pending = false;
         loop {
-            let timeout = if !busy.is_empty() || accept_pending {
+            let timeout = if !busy.is_empty() || self.can_accept() {
                 Some(Duration::ZERO)
             } else {
-                let next = [self.timers.next_deadline(), self.accept_paused_until]
-                    .into_iter()
-                    .flatten()
-                    .min();
-                next.map(|t| t.saturating_duration_since(Instant::now()))
+                self.next_deadline()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -201,8 +267,12 @@ impl Proxy {
             touched.append(&mut busy);
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => accept_pending = true,
-                    SIGNALS => self.note_signals(),
+                    LISTENER => self.accepting.pending = true,
+                    SIGNALS => {
+                        if self.on_signals() {
+                            return Ok(());
+                        }
+                    }
                     WAKER => {}
                     token if token.0 < self.conn_base => self.on_probe_event(token),
                     Token(t) => {
@@ -220,47 +290,100 @@ impl Proxy {
                 }
             }
             if self.stop.load(Ordering::SeqCst) {
-                log::info!(
-                    "stopping; {} connection(s) were still open",
-                    self.open_connections()
-                );
+                log::info!("stopping; {} connection(s) were still open", self.live);
                 return Ok(());
             }
             self.fire_timers(&mut touched);
+            self.wake_disk_waiters(&mut touched);
             touched.sort_unstable();
             touched.dedup();
             for &slot in &touched {
-                let mut ctx = Ctx {
-                    registry: self.poll.registry(),
-                    pool: &mut self.pool,
-                    timers: &mut self.timers,
-                    scratch: &mut self.scratch,
-                    stats: &self.stats,
-                    connect_timeout: self.config.connect_timeout,
-                    max_attempts: max_attempts(&self.config),
-                };
                 let Some(conn) = self.slots[slot].as_mut() else {
                     continue;
                 };
-                match conn.drive(&mut ctx) {
+                let status = conn.drive(&mut ctx!(self));
+                if conn.waiting_for_disk() {
+                    self.disk_waiters.push(slot);
+                    self.disk_retry_at
+                        .get_or_insert(Instant::now() + DISK_RETRY);
+                }
+                match status {
                     Status::Waiting => {}
                     Status::Busy => busy.push(slot),
-                    Status::Finished => {
-                        self.slots[slot] = None;
-                        self.free_slots.push(slot);
-                    }
+                    Status::Finished => self.retire(slot),
                 }
             }
-            if self
-                .accept_paused_until
-                .is_some_and(|t| Instant::now() >= t)
-            {
-                self.accept_paused_until = None;
-                accept_pending = true;
+            if self.draining.is_some() && self.drain_step() {
+                return Ok(());
             }
-            if accept_pending && self.accept_paused_until.is_none() {
-                accept_pending = self.accept_some(&mut busy);
+            if self.can_accept() {
+                self.accept_some(&mut busy);
             }
+        }
+    }
+
+    /// The earliest moment something is due without an event.
+    fn next_deadline(&self) -> Option<Instant> {
+        let disk = self.disk_retry_at.filter(|_| !self.disk_waiters.is_empty());
+        [
+            self.timers.next_deadline(),
+            self.accepting.paused_until,
+            disk,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn can_accept(&mut self) -> bool {
+        if self
+            .accepting
+            .paused_until
+            .is_some_and(|t| Instant::now() >= t)
+        {
+            self.accepting.paused_until = None;
+        }
+        self.accepting.pending
+            && self.accepting.paused_until.is_none()
+            && !self.accepting.at_limit
+            && self.listener.is_some()
+    }
+
+    /// A connection is gone: free its slot, and let waiting clients in if
+    /// they were kept out by the limit or by fd exhaustion.
+    fn retire(&mut self, slot: usize) {
+        self.slots[slot] = None;
+        self.free_slots.push(slot);
+        self.live -= 1;
+        if let Some(d) = &mut self.draining {
+            d.drained += 1;
+        }
+        if self.accepting.at_limit && self.live < self.config.max_connections {
+            self.accepting.at_limit = false;
+            self.accepting.pending = true;
+            log::info!(
+                "below --max-connections {} again: accepting",
+                self.config.max_connections
+            );
+        }
+        if self.accepting.paused_until.take().is_some() {
+            // An fd was just freed: the next accept may well succeed.
+            self.accepting.pending = true;
+        }
+    }
+
+    /// Directions waiting for disk space get a turn when a spill file gave
+    /// space back, or every `DISK_RETRY` (the disk may be freed by others).
+    fn wake_disk_waiters(&mut self, touched: &mut Vec<usize>) {
+        if self.disk_waiters.is_empty() {
+            return;
+        }
+        let releases = self.disk.releases();
+        let due = self.disk_retry_at.is_some_and(|t| Instant::now() >= t);
+        if releases != self.disk_releases_seen || due {
+            self.disk_releases_seen = releases;
+            self.disk_retry_at = None;
+            touched.append(&mut self.disk_waiters);
         }
     }
 
@@ -275,23 +398,12 @@ impl Proxy {
                     conn,
                     attempt,
                 } => {
-                    let mut ctx = Ctx {
-                        registry: self.poll.registry(),
-                        pool: &mut self.pool,
-                        timers: &mut self.timers,
-                        scratch: &mut self.scratch,
-                        stats: &self.stats,
-                        connect_timeout: self.config.connect_timeout,
-                        max_attempts: max_attempts(&self.config),
-                    };
-                    // The slot may hold another connection by now.
-                    if let Some(c) = self.slots.get_mut(slot).and_then(Option::as_mut) {
-                        if c.id.0 == conn {
-                            c.on_connect_timeout(attempt, &mut ctx);
-                            touched.push(slot);
-                        }
+                    if let Some(c) = connection(&mut self.slots, slot, conn) {
+                        c.on_connect_timeout(attempt, &mut ctx!(self));
+                        touched.push(slot);
                     }
                 }
+                Timer::IdleCheck { slot, conn } => self.check_idle(slot, conn, now),
                 Timer::HealthRound => {
                     if let Some(health) = &mut self.health {
                         let timeout = self.config.connect_timeout;
@@ -312,6 +424,28 @@ impl Proxy {
         }
     }
 
+    /// Close the connection if nothing moved for `--idle-timeout`, else
+    /// look again when it could first be that idle.
+    fn check_idle(&mut self, slot: usize, id: u64, now: Instant) {
+        let limit = self.config.idle_timeout;
+        let Some(conn) = connection(&mut self.slots, slot, id) else {
+            return;
+        };
+        let idle = conn.idle_for(now);
+        if idle < limit {
+            self.timers
+                .arm(now + (limit - idle), Timer::IdleCheck { slot, conn: id });
+            return;
+        }
+        let Some(conn) = self.slots[slot].as_mut() else {
+            return;
+        };
+        log::info!("{} idle for {:?}: closing", conn.id, idle);
+        if conn.close_now("idle timeout", true, &mut ctx!(self)) == Status::Finished {
+            self.retire(slot);
+        }
+    }
+
     fn on_probe_event(&mut self, token: Token) {
         if let Some(health) = &mut self.health {
             if let Some(idx) = health.backend_of(token) {
@@ -320,54 +454,164 @@ impl Proxy {
         }
     }
 
-    fn note_signals(&mut self) {
-        if let Some(signals) = &mut self.signals {
-            for signal in signals.pending() {
-                let name = if signal == libc::SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
-                log::info!("received {name}");
-                self.stop.store(true, Ordering::SeqCst);
+    /// Act on pending signals. Returns true if the process must exit now.
+    fn on_signals(&mut self) -> bool {
+        let Some(signals) = &mut self.signals else {
+            return false;
+        };
+        let pending: Vec<i32> = signals.pending().collect();
+        for signal in pending {
+            match signal {
+                libc::SIGHUP => match logging::reopen() {
+                    Ok(true) => log::info!("received SIGHUP: log file reopened"),
+                    Ok(false) => {
+                        log::info!("received SIGHUP: logging to stderr, nothing to reopen")
+                    }
+                    Err(e) => log::error!("received SIGHUP: cannot reopen the log file: {e}"),
+                },
+                _ => {
+                    let name = if signal == libc::SIGINT {
+                        "SIGINT"
+                    } else {
+                        "SIGTERM"
+                    };
+                    if self.draining.is_some() {
+                        log::warn!(
+                            "received {name} again: exiting now, cutting {} connection(s)",
+                            self.live
+                        );
+                        return true;
+                    }
+                    self.begin_shutdown(name);
+                }
             }
         }
+        false
     }
 
-    fn open_connections(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
+    /// Stop accepting (the listener is closed, so new clients are refused
+    /// at once), and give in-flight connections `--shutdown-timeout`.
+    fn begin_shutdown(&mut self, signal: &str) {
+        let timeout = self.config.shutdown_timeout;
+        log::info!(
+            "received {signal}: no longer accepting; {} connection(s) may finish within {timeout:?} (send it again to exit now)",
+            self.live
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.draining = Some(Draining {
+            deadline: Instant::now() + timeout,
+            quiet_closed: 0,
+            drained: 0,
+        });
     }
 
-    /// Accept up to a turn's worth of clients. Returns whether more may be
-    /// waiting (the listener is edge-triggered: we must come back ourselves).
-    fn accept_some(&mut self, busy: &mut Vec<usize>) -> bool {
+    /// One step of a graceful shutdown: close connections that have gone
+    /// quiet, and everything once the deadline has passed. Returns true
+    /// when the process may exit.
+    fn drain_step(&mut self) -> bool {
+        let now = Instant::now();
+        let deadline = self.draining.as_ref().map_or(now, |d| d.deadline);
+        let out_of_time = now >= deadline;
+        let mut cut = 0;
+        let mut undelivered = 0;
+        for slot in 0..self.slots.len() {
+            let Some(conn) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            let quiet = conn.is_quiet() && conn.idle_for(now) >= QUIET_AT_SHUTDOWN;
+            if !(quiet || out_of_time) {
+                continue;
+            }
+            let held = conn.held();
+            let (reason, gentle) = if quiet {
+                ("shutdown: quiet", true)
+            } else {
+                ("shutdown timeout", false)
+            };
+            if conn.close_now(reason, gentle, &mut ctx!(self)) == Status::Finished {
+                self.retire(slot);
+                if let Some(d) = &mut self.draining {
+                    d.drained -= 1; // retire counted it; it was not drained
+                    if quiet {
+                        d.quiet_closed += 1;
+                    }
+                }
+                if !quiet {
+                    cut += 1;
+                    undelivered += held;
+                }
+            }
+        }
+        if self.live == 0 || out_of_time {
+            let d = self.draining.as_ref().expect("draining");
+            log::info!(
+                "shutdown complete: {} connection(s) finished, {} closed while quiet, {} cut at the timeout with {} undelivered",
+                d.drained,
+                d.quiet_closed,
+                cut,
+                show_size(undelivered)
+            );
+            return true;
+        }
+        // Nothing else may wake the loop in time for a quiet check or the
+        // deadline.
+        self.accepting.paused_until = Some((now + SHUTDOWN_TICK).min(deadline));
+        false
+    }
+
+    /// Accept up to a turn's worth of clients, within `--max-connections`.
+    /// Leaves `pending` set if more may be waiting (the listener is
+    /// edge-triggered: we must come back ourselves).
+    fn accept_some(&mut self, busy: &mut Vec<usize>) {
         for _ in 0..ACCEPTS_PER_TURN {
-            match self.listener.accept() {
+            if self.live >= self.config.max_connections {
+                self.accepting.at_limit = true;
+                log::warn!(
+                    "--max-connections {} reached: new clients wait in the listen backlog",
+                    self.config.max_connections
+                );
+                return;
+            }
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
                 // Bytes the client sent before registration are not lost:
                 // epoll reports a socket's current readiness when it is added.
                 Ok((client, client_addr)) => {
+                    self.accepting.error_logged = false;
                     if let Some(slot) = self.open(client, client_addr) {
                         // Opening may already have failed over or given up
                         // (no backend could even be dialled): let it run.
                         busy.push(slot);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accepting.pending = false;
+                    return;
+                }
                 Err(e) if is_transient_accept_error(&e) => {
                     log::debug!("accept: {e}");
                 }
                 Err(e) => {
-                    log::error!(
-                        "accept on {} failed: {e}; pausing accepts for {:?}",
-                        self.local_addr,
-                        ACCEPT_BACKOFF
-                    );
-                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return true;
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the client stays in
+                    // the backlog. Try again when a connection closes, or
+                    // after a pause; say so once per burst.
+                    if !self.accepting.error_logged {
+                        self.accepting.error_logged = true;
+                        log::error!(
+                            "accept on {} failed: {e}; pausing accepts until a connection closes (at most {:?})",
+                            self.local_addr,
+                            ACCEPT_BACKOFF
+                        );
+                    }
+                    self.accepting.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
                 }
             }
         }
-        true
     }
 
     /// Set up a connection for a freshly accepted client. If that fails the
@@ -383,19 +627,23 @@ impl Proxy {
             Token(self.conn_base + slot * 2),
             Token(self.conn_base + slot * 2 + 1),
         );
-        let mut ctx = Ctx {
-            registry: self.poll.registry(),
-            pool: &mut self.pool,
-            timers: &mut self.timers,
-            scratch: &mut self.scratch,
-            stats: &self.stats,
-            connect_timeout: self.config.connect_timeout,
-            max_attempts: max_attempts(&self.config),
-        };
-        match Connection::open(id, slot, client, client_addr, &self.plan, tokens, &mut ctx) {
+        match Connection::open(
+            id,
+            slot,
+            client,
+            client_addr,
+            &self.plan,
+            tokens,
+            &mut ctx!(self),
+        ) {
             Ok(conn) => {
                 log::debug!("{} accepted client {client_addr}", conn.id);
                 self.slots[slot] = Some(conn);
+                self.live += 1;
+                self.timers.arm(
+                    Instant::now() + self.config.idle_timeout,
+                    Timer::IdleCheck { slot, conn: id },
+                );
                 Some(slot)
             }
             Err(e) => {
@@ -405,6 +653,15 @@ impl Proxy {
             }
         }
     }
+}
+
+/// The connection in `slot`, if it is still connection `id` (slots are
+/// reused; timers are never cancelled).
+fn connection(slots: &mut [Option<Connection>], slot: usize, id: u64) -> Option<&mut Connection> {
+    slots
+        .get_mut(slot)
+        .and_then(Option::as_mut)
+        .filter(|c| c.id.0 == id)
 }
 
 /// Backends one connection may try: the first, then `--connect-retries`
@@ -419,7 +676,7 @@ fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
+    t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
 }
 
 /// Errors after which the next accept may well succeed at once.

@@ -9,6 +9,7 @@ pub mod balancer;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod disk;
 pub mod event_loop;
 pub mod health;
 pub mod logging;
@@ -20,10 +21,11 @@ pub mod timers;
 pub use config::{Config, ConfigError};
 pub use event_loop::{Proxy, Stopper};
 
-/// Bind, stop on SIGINT/SIGTERM, and serve until then.
+/// Bind, handle SIGINT/SIGTERM (graceful shutdown) and SIGHUP (reopen the
+/// log file), and serve until shut down.
 pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut proxy = Proxy::bind(config)?;
-    proxy.stop_on_signals()?;
+    proxy.handle_signals()?;
     proxy.run()?;
     Ok(())
 }

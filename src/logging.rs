@@ -3,8 +3,10 @@
 //! Timestamps are UTC with milliseconds, formatted here rather than with a
 //! date crate: the civil-from-days conversion is a dozen lines.
 
-use std::io;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use log::LevelFilter;
@@ -22,12 +24,69 @@ pub fn init(level: LevelFilter, file: Option<&Path>) -> io::Result<()> {
             ))
         });
     let dispatch = match file {
-        Some(path) => dispatch.chain(fern::log_file(path)?),
+        Some(path) => {
+            let log = Arc::new(LogFile::open(path)?);
+            let _ = LOG_FILE.set(log.clone());
+            dispatch.chain(Box::new(SharedLog(log)) as Box<dyn Write + Send>)
+        }
         None => dispatch.chain(io::stderr()),
     };
     dispatch
         .apply()
         .map_err(|e| io::Error::new(io::ErrorKind::AlreadyExists, e))
+}
+
+/// The log file, reopened on SIGHUP: logrotate renames it, and the next
+/// line must go to a fresh file at the configured path.
+struct LogFile {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+static LOG_FILE: OnceLock<Arc<LogFile>> = OnceLock::new();
+
+impl LogFile {
+    fn open(path: &Path) -> io::Result<LogFile> {
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: Mutex::new(append(path)?),
+        })
+    }
+}
+
+fn append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// What fern writes to: the current file behind the mutex.
+struct SharedLog(Arc<LogFile>);
+
+impl Write for SharedLog {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0
+            .file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush()
+    }
+}
+
+/// Reopen the log file at its path. `Ok(false)` when logging to stderr.
+/// On failure the old file stays in use.
+pub fn reopen() -> io::Result<bool> {
+    let Some(log) = LOG_FILE.get() else {
+        return Ok(false);
+    };
+    let fresh = append(&log.path)?;
+    *log.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+    Ok(true)
 }
 
 /// Parse `error|warn|info|debug|trace` for `--log-level`.

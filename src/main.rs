@@ -82,6 +82,25 @@ struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
     max_spill: u64,
 
+    /// Client connections held at once; beyond, new clients wait in the
+    /// kernel's listen backlog (nothing is accepted and dropped)
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+
+    /// Disk all spill files together may occupy (what df sees); past it,
+    /// directions that would spill stop reading instead [default: unlimited]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_disk: Option<u64>,
+
+    /// Close a connection when no byte has moved either way for this long
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10m")]
+    idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long connections in flight may finish before
+    /// they are cut (a second signal exits at once)
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
+    shutdown_timeout: Duration,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -91,7 +110,7 @@ struct Cli {
     #[arg(long, value_name = "LEVEL", value_parser = parse_level, default_value = "info", global = true)]
     log_level: LevelFilter,
 
-    /// Log to this file instead of stderr (appended to)
+    /// Log to this file instead of stderr (appended to; reopened on SIGHUP)
     #[arg(long, value_name = "PATH", global = true)]
     log_file: Option<PathBuf>,
 
@@ -165,6 +184,10 @@ fn serve(cli: Cli) -> ExitCode {
         memory_buffer: cli.memory_buffer,
         max_spill: cli.max_spill,
         temp_dir: cli.temp_dir.unwrap_or_else(std::env::temp_dir),
+        max_connections: cli.max_connections,
+        max_disk: cli.max_disk,
+        idle_timeout: cli.idle_timeout,
+        shutdown_timeout: cli.shutdown_timeout,
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {

@@ -178,6 +178,10 @@ pub fn pump<R: Read, W: Receiver>(
                     continue;
                 }
                 Fill::WouldBlock => dir.src_ready = false,
+                // Memory is full and disk is not to be had: stop reading.
+                // `src_ready` stays set; the event loop retries when space
+                // may have freed.
+                Fill::NoDisk(_) => return Pumped::Idle,
                 Fill::SourceFailed(e) => return Pumped::Failed(Culprit::Sender, e),
                 Fill::SpillFailed(e) => return Pumped::Failed(Culprit::SpillFile, e),
             }
@@ -220,6 +224,7 @@ fn discard<R: Read>(dir: &mut Direction, mut src: Option<R>, scratch: &mut [u8])
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::DiskBudget;
     use std::path::Path;
     use std::sync::Arc;
 
@@ -256,7 +261,10 @@ mod tests {
         let path: Arc<Path> = dir.path().into();
         (
             dir,
-            Direction::new("test", SpillBuffer::new(mem, spill, path)),
+            Direction::new(
+                "test",
+                SpillBuffer::new(mem, spill, path, Arc::new(DiskBudget::new(None))),
+            ),
         )
     }
 

@@ -19,6 +19,12 @@
 //! offsets rewind, so the space on disk follows the backlog. A file that
 //! never empties (a steady stream into a slower reader) has its drained
 //! head released with `FALLOC_FL_PUNCH_HOLE` every `PUNCH_STEP` bytes.
+//!
+//! Disk space is reserved (`fallocate`, keeping the file size) and charged
+//! to the shared `DiskBudget` *before* bytes are read from the sender: when
+//! the disk is full, over quota, or `--max-disk` is reached, nothing has been
+//! read that could not be stored, and the direction simply stops reading
+//! (backpressure) until space frees.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -27,10 +33,17 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::disk::DiskBudget;
+
 /// Drained bytes at the head of a file that never empties are released
-/// in steps of this size: large enough that the syscall is rare, small
-/// enough that `--max-spill` stays a close bound on real disk use.
+/// in steps of at most this size (and at most an eighth of `--max-spill`):
+/// large enough that the syscall is rare, small enough that `--max-spill`
+/// stays a close bound on real disk use.
 const PUNCH_STEP: u64 = 1 << 20;
+
+/// Disk is reserved ahead in steps of this size (within `--max-spill`),
+/// so that a steady spill makes one `fallocate` per step, not per read.
+const RESERVE_STEP: u64 = 1 << 20;
 
 /// File systems allocate in blocks; a hole can only be punched in whole ones.
 const BLOCK: u64 = 4096;
@@ -46,9 +59,14 @@ pub enum Fill {
     Eof,
     /// Reading from the sender failed.
     SourceFailed(io::Error),
-    /// The bytes could not be stored: the spill file could not be created
-    /// or written. Bytes already read are never dropped silently: the caller
-    /// must fail the connection (the next issue turns this into backpressure).
+    /// Memory is full and no disk space could be had: `None` when
+    /// `--max-disk` is reached, else why the file system refused (full,
+    /// over quota, I/O error, temp dir gone). Nothing was read: stop
+    /// reading and try again when space may have freed.
+    NoDisk(Option<io::Error>),
+    /// Bytes read could not be written to reserved space (a file system
+    /// that reserves but then fails). They cannot be kept: the caller must
+    /// fail the connection; it is never silent.
     SpillFailed(io::Error),
 }
 
@@ -81,6 +99,13 @@ pub struct SpillBuffer {
     file_tail: u64,
     /// Offset below which the file's blocks have been released.
     punched: u64,
+    /// Block-aligned offset up to which disk is reserved and charged to
+    /// the budget (`>= file_tail`); the charge is `reserved - punched`.
+    reserved: u64,
+    /// Cleared when the file system cannot reserve space ahead
+    /// (`fallocate` unsupported); the budget is still charged.
+    can_reserve: bool,
+    budget: Arc<DiskBudget>,
     /// Cleared when the file system refuses to punch holes; the file is
     /// then only reclaimed when it empties.
     can_punch: bool,
@@ -89,12 +114,19 @@ pub struct SpillBuffer {
 
     /// Bytes ever written to the file, for the close summary.
     spilled_total: u64,
+    /// Why the last attempt to get disk space failed, until one succeeds.
+    blocked: Option<String>,
 }
 
 impl SpillBuffer {
     /// `mem_limit` bytes in memory, then up to `spill_limit` bytes waiting on
     /// disk in an unnamed file created in `temp_dir` when first needed.
-    pub fn new(mem_limit: usize, spill_limit: u64, temp_dir: Arc<Path>) -> Self {
+    pub fn new(
+        mem_limit: usize,
+        spill_limit: u64,
+        temp_dir: Arc<Path>,
+        budget: Arc<DiskBudget>,
+    ) -> Self {
         assert!(mem_limit > 0, "the memory part is also the write window");
         SpillBuffer {
             mem: Vec::new(),
@@ -105,10 +137,14 @@ impl SpillBuffer {
             file_head: 0,
             file_tail: 0,
             punched: 0,
+            reserved: 0,
+            can_reserve: true,
+            budget,
             can_punch: true,
             spill_limit,
             temp_dir,
             spilled_total: 0,
+            blocked: None,
         }
     }
 
@@ -178,6 +214,23 @@ impl SpillBuffer {
             };
         }
         let want = (self.spill_limit - self.file_backlog()).min(scratch.len() as u64) as usize;
+        let want = match self
+            .open_file()
+            .map_err(Some)
+            .and_then(|()| self.reserve(want))
+        {
+            Ok(n) => {
+                self.blocked = None;
+                n
+            }
+            Err(cause) => {
+                self.blocked = Some(match &cause {
+                    None => "--max-disk reached".to_string(),
+                    Some(e) => e.to_string(),
+                });
+                return Fill::NoDisk(cause);
+            }
+        };
         match read_step(src, &mut scratch[..want]) {
             Fill::Took(n) => match self.append_to_file(&scratch[..n]) {
                 Ok(()) => {
@@ -227,11 +280,30 @@ impl SpillBuffer {
         self.mem_head = 0;
         self.mem_len = 0;
         self.mem = Vec::new();
+        self.close_file();
+        dropped
+    }
+
+    /// Why the buffer could not get disk space last time it tried, if it
+    /// has not succeeded since.
+    pub fn disk_blocked(&self) -> Option<&str> {
+        self.blocked.as_deref()
+    }
+
+    /// Disk this buffer holds now: reserved or written, not yet released.
+    pub fn disk_charge(&self) -> u64 {
+        self.reserved - self.punched
+    }
+
+    /// Close the file (the kernel frees an unlinked file's blocks) and give
+    /// its charge back to the budget.
+    fn close_file(&mut self) {
+        self.budget.release(self.disk_charge());
         self.file = None;
         self.file_head = 0;
         self.file_tail = 0;
         self.punched = 0;
-        dropped
+        self.reserved = 0;
     }
 
     /// The spill file, if one is open (tests look at its allocated size).
@@ -252,11 +324,49 @@ impl SpillBuffer {
         }
     }
 
+    fn open_file(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(tempfile::tempfile_in(&*self.temp_dir)?);
+        }
+        Ok(())
+    }
+
+    /// Make sure up to `want` bytes past the tail have disk reserved and
+    /// charged; returns how many do (at least one), or why none can.
+    fn reserve(&mut self, want: usize) -> Result<usize, Option<io::Error>> {
+        let end = self.file_tail + want as u64;
+        if end > self.reserved {
+            // Ahead by a step, but never past what --max-spill allows.
+            let ahead = (self.reserved + RESERVE_STEP).min(self.file_head + self.spill_limit);
+            let needed = end.max(ahead).div_ceil(BLOCK) * BLOCK - self.reserved;
+            let granted = self.budget.charge_up_to(needed, BLOCK);
+            if granted > 0 && self.can_reserve {
+                let file = self.file.as_ref().expect("opened before reserving");
+                match fallocate(file, libc::FALLOC_FL_KEEP_SIZE, self.reserved, granted) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        log::debug!("spill file: cannot reserve space here ({e}); writing without");
+                        self.can_reserve = false;
+                    }
+                    Err(e) => {
+                        self.budget.release(granted);
+                        return self.reserved_room().ok_or(Some(e));
+                    }
+                }
+            }
+            self.reserved += granted;
+        }
+        self.reserved_room().ok_or(None).map(|room| room.min(want))
+    }
+
+    /// Bytes reserved past the tail, if any.
+    fn reserved_room(&self) -> Option<usize> {
+        let room = self.reserved - self.file_tail;
+        (room > 0).then_some(room.min(usize::MAX as u64) as usize)
+    }
+
     fn append_to_file(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let file = match &mut self.file {
-            Some(file) => file,
-            None => self.file.insert(tempfile::tempfile_in(&*self.temp_dir)?),
-        };
+        let file = self.file.as_ref().expect("opened before reading");
         file.write_all_at(bytes, self.file_tail)?;
         self.file_tail += bytes.len() as u64;
         self.spilled_total += bytes.len() as u64;
@@ -285,17 +395,29 @@ impl SpillBuffer {
         let file = self.file.as_ref().expect("called with a file");
         if self.file_head == self.file_tail {
             // Empty: rewind to the start so the file never grows past the
-            // largest backlog, and drop all its blocks.
+            // largest backlog, and drop all its blocks (reserved ones too).
             file.set_len(0)?;
+            self.budget.release(self.disk_charge());
             self.file_head = 0;
             self.file_tail = 0;
             self.punched = 0;
+            self.reserved = 0;
             return Ok(());
         }
         let reclaimable = (self.file_head / BLOCK) * BLOCK;
-        if self.can_punch && reclaimable >= self.punched + PUNCH_STEP {
-            match punch_hole(file, self.punched, reclaimable - self.punched) {
-                Ok(()) => self.punched = reclaimable,
+        let step = PUNCH_STEP.min(self.spill_limit / 8).max(BLOCK);
+        if self.can_punch && reclaimable >= self.punched + step {
+            let len = reclaimable - self.punched;
+            match fallocate(
+                file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                self.punched,
+                len,
+            ) {
+                Ok(()) => {
+                    self.budget.release(len);
+                    self.punched = reclaimable;
+                }
                 Err(e) => {
                     log::debug!(
                         "spill file: cannot punch holes here ({e}); space is reclaimed when the file empties"
@@ -316,6 +438,11 @@ impl SpillBuffer {
         );
         debug_assert!(self.punched <= self.file_head, "punched past live bytes");
         debug_assert!(
+            self.file_tail <= self.reserved,
+            "written past the reservation"
+        );
+        debug_assert_eq!(self.reserved % BLOCK, 0, "reservations are whole blocks");
+        debug_assert!(
             self.file_backlog() <= self.spill_limit,
             "file over --max-spill"
         );
@@ -323,6 +450,12 @@ impl SpillBuffer {
             self.file.is_some() || self.file_tail == 0,
             "a backlog without a file"
         );
+    }
+}
+
+impl Drop for SpillBuffer {
+    fn drop(&mut self) {
+        self.close_file();
     }
 }
 
@@ -340,13 +473,15 @@ fn read_step<R: Read>(src: &mut R, into: &mut [u8]) -> Fill {
     }
 }
 
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+/// `fallocate(2)`: reserve blocks (`KEEP_SIZE`) or release them
+/// (`PUNCH_HOLE | KEEP_SIZE`) without changing the file's size.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate only reads its integer arguments; the fd is owned by
     // `file`, which outlives the call.
     let rc = unsafe {
         libc::fallocate(
             file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            mode,
             offset as libc::off_t,
             len as libc::off_t,
         )
@@ -444,6 +579,19 @@ mod tests {
         (dir, path)
     }
 
+    impl Fill {
+        fn took(&self) -> usize {
+            match self {
+                Fill::Took(n) => *n,
+                other => panic!("expected Took, got {other:?}"),
+            }
+        }
+    }
+
+    fn unlimited() -> Arc<DiskBudget> {
+        Arc::new(DiskBudget::new(None))
+    }
+
     fn allocated(buf: &SpillBuffer) -> u64 {
         buf.file()
             .map_or(0, |f| f.metadata().unwrap().blocks() * 512)
@@ -459,7 +607,7 @@ mod tests {
             let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mem_limit = 1 + rng.below(300) as usize;
             let spill_limit = rng.below(5000);
-            let mut buf = SpillBuffer::new(mem_limit, spill_limit, path.clone());
+            let mut buf = SpillBuffer::new(mem_limit, spill_limit, path.clone(), unlimited());
             let mut model: VecDeque<u8> = VecDeque::new();
             let mut scratch = vec![0u8; 1 + rng.below(700) as usize];
             let mut delivered = Vec::new();
@@ -507,13 +655,18 @@ mod tests {
                     buf.file_backlog() <= spill_limit,
                     "seed {seed}: over max-spill"
                 );
-                if buf.file_backlog() == 0 {
-                    assert_eq!(
-                        allocated(&buf),
-                        0,
-                        "seed {seed}: drained file not truncated"
-                    );
-                }
+                // Disk use is what is charged: the backlog plus at most a
+                // reservation step ahead and a punch step behind.
+                assert!(
+                    allocated(&buf) <= buf.disk_charge(),
+                    "seed {seed}: more on disk than charged"
+                );
+                assert!(
+                    buf.disk_charge() <= buf.file_backlog() + RESERVE_STEP + PUNCH_STEP + BLOCK,
+                    "seed {seed}: charge {} for a backlog of {}",
+                    buf.disk_charge(),
+                    buf.file_backlog()
+                );
                 if was_on_disk != (buf.file_backlog() > 0) {
                     boundary_crossings += 1;
                 }
@@ -532,7 +685,7 @@ mod tests {
     #[test]
     fn the_file_is_truncated_when_the_backlog_drains() {
         let (_dir, path) = temp_dir();
-        let mut buf = SpillBuffer::new(16, 1 << 20, path);
+        let mut buf = SpillBuffer::new(16, 1 << 20, path, unlimited());
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut src = &data[..];
         let mut scratch = vec![0u8; 8192];
@@ -559,7 +712,7 @@ mod tests {
     fn a_file_that_never_empties_gives_back_its_drained_head() {
         let (_dir, path) = temp_dir();
         let backlog = 256 * 1024u64;
-        let mut buf = SpillBuffer::new(4096, 1 << 30, path);
+        let mut buf = SpillBuffer::new(4096, 1 << 30, path, unlimited());
         let chunk = vec![7u8; 64 * 1024];
         let mut scratch = vec![0u8; 64 * 1024];
         let mut out: Vec<u8> = Vec::new();
@@ -590,7 +743,7 @@ mod tests {
     #[test]
     fn no_room_once_memory_and_spill_limit_are_full() {
         let (_dir, path) = temp_dir();
-        let mut buf = SpillBuffer::new(10, 20, path);
+        let mut buf = SpillBuffer::new(10, 20, path, unlimited());
         let data = [1u8; 100];
         let mut src = &data[..];
         let mut scratch = [0u8; 64];
@@ -613,8 +766,13 @@ mod tests {
     }
 
     #[test]
-    fn an_unusable_temp_dir_is_reported_on_first_spill() {
-        let mut buf = SpillBuffer::new(4, 100, Path::new("/nonexistent/spillway").into());
+    fn an_unusable_temp_dir_stops_reading_without_losing_bytes() {
+        let mut buf = SpillBuffer::new(
+            4,
+            100,
+            Path::new("/nonexistent/spillway").into(),
+            unlimited(),
+        );
         let data = [1u8; 10];
         let mut src = &data[..];
         let mut scratch = [0u8; 64];
@@ -624,8 +782,56 @@ mod tests {
         ));
         assert!(matches!(
             buf.fill_from(&mut src, &mut scratch),
-            Fill::SpillFailed(_)
+            Fill::NoDisk(Some(_))
         ));
+        assert_eq!(src.len(), 6, "nothing read that could not be kept");
+        assert!(buf.disk_blocked().is_some());
+    }
+
+    /// Two buffers share a --max-disk budget: when it is spent, a buffer
+    /// stops taking bytes without reading any; when the other drains, it
+    /// goes on; and every byte charged is given back when they are dropped.
+    #[test]
+    fn a_shared_disk_budget_blocks_then_resumes_and_is_returned() {
+        let (_dir, path) = temp_dir();
+        let budget = Arc::new(DiskBudget::new(Some(256 * 1024)));
+        let mut a = SpillBuffer::new(1024, 1 << 30, path.clone(), budget.clone());
+        let mut b = SpillBuffer::new(1024, 1 << 30, path, budget.clone());
+        let data = vec![5u8; 4 << 20];
+        let mut scratch = vec![0u8; 64 * 1024];
+        let mut src_a = &data[..];
+        let mut src_b = &data[..];
+        let fill_until_blocked = |buf: &mut SpillBuffer, src: &mut &[u8], scratch: &mut [u8]| {
+            for _ in 0..10_000 {
+                match buf.fill_from(src, scratch) {
+                    Fill::Took(_) => {}
+                    Fill::NoDisk(None) => return,
+                    other => panic!("{other:?}"),
+                }
+            }
+            panic!("never blocked");
+        };
+        fill_until_blocked(&mut a, &mut src_a, &mut scratch);
+        assert_eq!(
+            b.fill_from(&mut src_b, &mut scratch).took(),
+            1024,
+            "memory first"
+        );
+        assert!(matches!(
+            b.fill_from(&mut src_b, &mut scratch),
+            Fill::NoDisk(None)
+        ));
+        assert_eq!(src_b.len(), data.len() - 1024, "nothing read while blocked");
+        assert!(budget.used() <= 256 * 1024);
+        assert_eq!(budget.used(), a.disk_charge() + b.disk_charge());
+        let mut out = Vec::new();
+        while let Drain::Gave(_) = a.drain_into(&mut out) {}
+        assert_eq!(a.disk_charge(), 0, "drained: charge returned");
+        fill_until_blocked(&mut b, &mut src_b, &mut scratch);
+        assert!(b.file_backlog() > 128 * 1024, "b got the space a gave back");
+        drop(a);
+        drop(b);
+        assert_eq!(budget.used(), 0, "every charge returned");
     }
 
     #[test]

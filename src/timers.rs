@@ -17,6 +17,8 @@ pub enum Timer {
         conn: u64,
         attempt: u32,
     },
+    /// Connection `conn` in `slot` may have been idle for `--idle-timeout`.
+    IdleCheck { slot: usize, conn: u64 },
     /// Time to probe every backend.
     HealthRound,
     /// Probe number `probe` of backend `backend` gives up.

@@ -1,0 +1,101 @@
+//! The disk space all spill files together may occupy (`--max-disk`).
+//!
+//! Every spill file charges the blocks it holds (written or reserved, and
+//! not yet given back) to one shared budget, so the limit is on what `df`
+//! would see, not on bytes ever written. Atomics, so it can be shared by
+//! every connection, and later by every worker thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug)]
+pub struct DiskBudget {
+    limit: u64,
+    used: AtomicU64,
+    /// Bumped whenever space is given back: waiters compare it to know
+    /// whether trying again can succeed.
+    releases: AtomicU64,
+}
+
+impl DiskBudget {
+    /// `None`: no limit (the accounting still runs, for the logs).
+    pub fn new(limit: Option<u64>) -> DiskBudget {
+        DiskBudget {
+            limit: limit.unwrap_or(u64::MAX),
+            used: AtomicU64::new(0),
+            releases: AtomicU64::new(0),
+        }
+    }
+
+    /// Charge up to `want` bytes, in whole multiples of `unit`; returns what
+    /// was granted (possibly 0).
+    pub fn charge_up_to(&self, want: u64, unit: u64) -> u64 {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let free = self.limit.saturating_sub(used);
+            let grant = want.min(free / unit * unit);
+            if grant == 0 {
+                return 0;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + grant,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return grant,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    pub fn release(&self, bytes: u64) {
+        if bytes > 0 {
+            let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
+            debug_assert!(before >= bytes, "released more disk than was charged");
+            self.releases.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// How many times space was given back so far.
+    pub fn releases(&self) -> u64 {
+        self.releases.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_whole_units_up_to_the_limit() {
+        let b = DiskBudget::new(Some(10_000));
+        assert_eq!(b.charge_up_to(4096, 4096), 4096);
+        assert_eq!(
+            b.charge_up_to(8192, 4096),
+            4096,
+            "5904 free: one whole block"
+        );
+        assert_eq!(
+            b.charge_up_to(4096, 4096),
+            0,
+            "1808 free: not a whole block"
+        );
+        let before = b.releases();
+        b.release(4096);
+        assert!(b.releases() > before);
+        assert_eq!(b.used(), 4096);
+        assert_eq!(b.charge_up_to(100_000, 4096), 4096);
+    }
+
+    #[test]
+    fn unlimited_still_counts() {
+        let b = DiskBudget::new(None);
+        assert_eq!(b.charge_up_to(1 << 40, 4096), 1 << 40);
+        assert_eq!(b.used(), 1 << 40);
+    }
+}
