@@ -262,8 +262,36 @@ impl Connection {
                     log::debug!("{} connecting to backend {addr}", self.id);
                     return;
                 }
+                Err(e) if is_out_of_resources(&e) => {
+                    // Our fault, not the backend's: no failure is counted.
+                    // The client waits (its bytes buffered) and we try again
+                    // shortly, when connections may have freed fds.
+                    self.tried.pop();
+                    ctx.pool.release(idx);
+                    self.backend_idx = None;
+                    log::warn!(
+                        "{} client {}: cannot open a socket to backend {addr} ({e}); retrying in {:?}",
+                        self.id,
+                        self.client_addr,
+                        CONNECT_RETRY
+                    );
+                    let timer = Timer::ConnectRetry {
+                        slot: self.slot,
+                        conn: self.id.0,
+                    };
+                    ctx.timers.arm(Instant::now() + CONNECT_RETRY, timer);
+                    return;
+                }
                 Err(e) => self.note_connect_failure(idx, e.to_string(), ctx),
             }
+        }
+    }
+
+    /// The retry timer armed when no socket could be opened has fired.
+    pub fn on_connect_retry(&mut self, ctx: &mut Ctx) {
+        let still_wanted = !self.connected && self.backend.is_none() && !self.up.dst_done();
+        if still_wanted {
+            self.connect_next(ctx);
         }
     }
 
@@ -600,6 +628,19 @@ fn close(registry: &Registry, mut stream: TcpStream, reset: bool) {
     if let Err(e) = registry.deregister(&mut stream) {
         log::debug!("deregister on close: {e}");
     }
+}
+
+/// How long a connection waits to try again when the process is out of
+/// file descriptors or kernel memory for its backend socket.
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+/// The process (or the system) is out of fds or memory: no fault of the
+/// peer's, and likely to pass as connections close.
+pub fn is_out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Resets and broken pipes are how peers end connections every day.

@@ -87,6 +87,8 @@ struct Accepting {
 /// A graceful shutdown under way.
 struct Draining {
     deadline: Instant,
+    /// When to look for quiet connections again.
+    next_check: Instant,
     quiet_closed: usize,
     drained: usize,
 }
@@ -302,7 +304,7 @@ impl Proxy {
                     continue;
                 };
                 let status = conn.drive(&mut ctx!(self));
-                if conn.waiting_for_disk() {
+                if conn.waiting_for_disk() && !self.disk_waiters.contains(&slot) {
                     self.disk_waiters.push(slot);
                     self.disk_retry_at
                         .get_or_insert(Instant::now() + DISK_RETRY);
@@ -400,6 +402,12 @@ impl Proxy {
                 } => {
                     if let Some(c) = connection(&mut self.slots, slot, conn) {
                         c.on_connect_timeout(attempt, &mut ctx!(self));
+                        touched.push(slot);
+                    }
+                }
+                Timer::ConnectRetry { slot, conn } => {
+                    if let Some(c) = connection(&mut self.slots, slot, conn) {
+                        c.on_connect_retry(&mut ctx!(self));
                         touched.push(slot);
                     }
                 }
@@ -502,6 +510,7 @@ impl Proxy {
         }
         self.draining = Some(Draining {
             deadline: Instant::now() + timeout,
+            next_check: Instant::now(),
             quiet_closed: 0,
             drained: 0,
         });
@@ -512,7 +521,13 @@ impl Proxy {
     /// when the process may exit.
     fn drain_step(&mut self) -> bool {
         let now = Instant::now();
-        let deadline = self.draining.as_ref().map_or(now, |d| d.deadline);
+        let Some(d) = &self.draining else {
+            return false;
+        };
+        if self.live > 0 && now < d.next_check {
+            return false;
+        }
+        let deadline = d.deadline;
         let out_of_time = now >= deadline;
         let mut cut = 0;
         let mut undelivered = 0;
@@ -555,9 +570,9 @@ impl Proxy {
             );
             return true;
         }
-        // Nothing else may wake the loop in time for a quiet check or the
-        // deadline.
-        self.accepting.paused_until = Some((now + SHUTDOWN_TICK).min(deadline));
+        if let Some(d) = &mut self.draining {
+            d.next_check = (now + SHUTDOWN_TICK).min(deadline);
+        }
         false
     }
 

@@ -17,6 +17,9 @@ pub enum Timer {
         conn: u64,
         attempt: u32,
     },
+    /// Connection `conn` in `slot` could not open a backend socket (out of
+    /// fds): try again.
+    ConnectRetry { slot: usize, conn: u64 },
     /// Connection `conn` in `slot` may have been idle for `--idle-timeout`.
     IdleCheck { slot: usize, conn: u64 },
     /// Time to probe every backend.
