@@ -97,6 +97,11 @@ pub struct Connection {
     trouble: Option<String>,
     /// The spill warning was logged for (up, down).
     spill_warned: (bool, bool),
+    /// Until when a finished socket may stay open to drain its sender.
+    linger_until: std::cell::Cell<Option<Instant>>,
+    /// The client moved bytes after the backend last did: it is waiting
+    /// for an answer, so a graceful shutdown must not take it for idle.
+    client_spoke_last: bool,
     /// epoll reported an error on (client, backend): look at it even if
     /// no read or write would (a reset after the peer's EOF, while nothing
     /// is waiting to be written to it, shows up nowhere else).
@@ -189,6 +194,8 @@ impl Connection {
             disk_warned: (false, false),
             last_active: Instant::now(),
             gentle: false,
+            linger_until: std::cell::Cell::new(None),
+            client_spoke_last: false,
         };
         conn.connect_next(ctx);
         Ok(conn)
@@ -267,6 +274,7 @@ impl Connection {
                     // The client waits (its bytes buffered) and we try again
                     // shortly, when connections may have freed fds.
                     self.tried.pop();
+                    ctx.pool.abandoned(idx, Instant::now());
                     ctx.pool.release(idx);
                     self.backend_idx = None;
                     log::warn!(
@@ -372,12 +380,14 @@ impl Connection {
         }
         self.check_socket_errors();
         let moved_before = self.bytes_moved();
+        let delivered_before = self.down.bytes_out;
         let backend = self.backend.as_ref().filter(|_| self.connected);
         let up = pump(&mut self.up, self.client.as_ref(), backend, ctx.scratch);
         let down = pump(&mut self.down, backend, self.client.as_ref(), ctx.scratch);
         let busy = matches!(up, Pumped::MoreWork) || matches!(down, Pumped::MoreWork);
         if self.bytes_moved() != moved_before {
             self.last_active = Instant::now();
+            self.client_spoke_last = self.down.bytes_out == delivered_before;
         }
         self.warn_on_first_spill();
         self.warn_on_disk_trouble();
@@ -438,8 +448,11 @@ impl Connection {
     }
 
     /// Nothing is held for either peer: closing now would lose nothing.
+    /// (For a graceful shutdown, with `idle_for`.) A client still waiting
+    /// for an answer to what it sent last is not quiet, however long the
+    /// backend takes.
     pub fn is_quiet(&self) -> bool {
-        self.connected && self.up.buf.is_empty() && self.down.buf.is_empty()
+        self.connected && self.held() == 0 && !self.client_spoke_last
     }
 
     /// Bytes held for the peers right now.
@@ -450,9 +463,12 @@ impl Connection {
     /// Stopped reading because no disk space could be had: needs another
     /// turn when space may have freed, since no socket event will say so.
     pub fn waiting_for_disk(&self) -> bool {
-        [&self.up, &self.down]
-            .iter()
-            .any(|d| d.flow == Flow::Open && d.src_ready && d.buf.disk_blocked().is_some())
+        [&self.up, &self.down].iter().any(|d| {
+            d.flow == Flow::Open
+                && d.src_ready
+                && d.buf.needs_disk()
+                && d.buf.disk_blocked().is_some()
+        })
     }
 
     fn bytes_moved(&self) -> u64 {
@@ -520,13 +536,15 @@ impl Connection {
     /// to it. If the stream into it was aborted, it is reset (linger 0) so
     /// the peer cannot take a truncated stream for a complete one.
     fn close_finished_sockets(&mut self, ctx: &mut Ctx) {
-        if self.up.src_done() && self.down.dst_done() {
+        let client_done = self.up.src_done() && self.down.dst_done();
+        if client_done && !self.lingering(&self.up, &self.down, ctx) {
             if let Some(client) = self.client.take() {
                 let reset = self.down.flow == Flow::Aborted && !self.gentle;
                 close(ctx.registry, client, reset);
             }
         }
-        if self.down.src_done() && self.up.dst_done() {
+        let backend_done = self.down.src_done() && self.up.dst_done();
+        if backend_done && !self.lingering(&self.down, &self.up, ctx) {
             if let Some(backend) = self.backend.take() {
                 let reset = self.up.flow == Flow::Aborted && !self.gentle;
                 close(ctx.registry, backend, reset);
@@ -537,6 +555,32 @@ impl Connection {
                     }
                     ctx.pool.release(idx);
                 }
+            }
+        }
+    }
+
+    /// Should a socket whose directions are both done stay open a little
+    /// longer? Yes if everything bound for it was delivered (`into` is
+    /// `Closed`) but it is still sending on a direction we aborted (`out_of`):
+    /// closing a socket with unread bytes makes the kernel reset it, which
+    /// throws away what is still queued for the peer. So we keep reading and
+    /// dropping until it stops, for at most `LINGER` (as nginx's lingering
+    /// close does); the connection's timer brings us back then.
+    fn lingering(&self, out_of: &Direction, into: &Direction, ctx: &mut Ctx) -> bool {
+        if into.flow != Flow::Closed || !out_of.still_sending() {
+            return false;
+        }
+        match self.linger_until.get() {
+            Some(until) => Instant::now() < until,
+            None => {
+                let until = Instant::now() + LINGER;
+                self.linger_until.set(Some(until));
+                let timer = Timer::LingerEnd {
+                    slot: self.slot,
+                    conn: self.id.0,
+                };
+                ctx.timers.arm(until, timer);
+                true
             }
         }
     }
@@ -629,6 +673,10 @@ fn close(registry: &Registry, mut stream: TcpStream, reset: bool) {
         log::debug!("deregister on close: {e}");
     }
 }
+
+/// How long a socket that is done may stay open to drain a sender we no
+/// longer listen to (see `Connection::lingering`).
+const LINGER: Duration = Duration::from_secs(2);
 
 /// How long a connection waits to try again when the process is out of
 /// file descriptors or kernel memory for its backend socket.

@@ -56,6 +56,13 @@ impl DiskBudget {
         }
     }
 
+    /// Give back a charge whose space was never obtained: nobody waiting
+    /// should take this for space having freed.
+    pub fn refund(&self, bytes: u64) {
+        let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
+        debug_assert!(before >= bytes, "refunded more disk than was charged");
+    }
+
     /// Bytes charged now.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)

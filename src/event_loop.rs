@@ -247,6 +247,8 @@ impl Proxy {
         if self.health.is_some() {
             self.timers.arm(Instant::now(), Timer::HealthRound);
         }
+        let sweep = idle_sweep_every(self.config.idle_timeout);
+        self.timers.arm(Instant::now() + sweep, Timer::IdleSweep);
         let mut events = Events::with_capacity(1024);
         // Connections whose last turn ran out of budget with work left, and
         // those to drive this turn: both reused, never reallocated per turn.
@@ -327,10 +329,12 @@ impl Proxy {
     /// The earliest moment something is due without an event.
     fn next_deadline(&self) -> Option<Instant> {
         let disk = self.disk_retry_at.filter(|_| !self.disk_waiters.is_empty());
+        let drain = self.draining.as_ref().map(|d| d.next_check);
         [
             self.timers.next_deadline(),
             self.accepting.paused_until,
             disk,
+            drain,
         ]
         .into_iter()
         .flatten()
@@ -411,7 +415,12 @@ impl Proxy {
                         touched.push(slot);
                     }
                 }
-                Timer::IdleCheck { slot, conn } => self.check_idle(slot, conn, now),
+                Timer::LingerEnd { slot, conn } => {
+                    if connection(&mut self.slots, slot, conn).is_some() {
+                        touched.push(slot);
+                    }
+                }
+                Timer::IdleSweep => self.close_idle(now),
                 Timer::HealthRound => {
                     if let Some(health) = &mut self.health {
                         let timeout = self.config.connect_timeout;
@@ -432,26 +441,29 @@ impl Proxy {
         }
     }
 
-    /// Close the connection if nothing moved for `--idle-timeout`, else
-    /// look again when it could first be that idle.
-    fn check_idle(&mut self, slot: usize, id: u64, now: Instant) {
+    /// Close every connection with nothing moving for `--idle-timeout`,
+    /// then look again in an eighth of it. One sweep for all connections
+    /// keeps the timer heap from growing with connection churn; a
+    /// connection is closed between 1 and 1.125 idle timeouts.
+    fn close_idle(&mut self, now: Instant) {
         let limit = self.config.idle_timeout;
-        let Some(conn) = connection(&mut self.slots, slot, id) else {
-            return;
-        };
-        let idle = conn.idle_for(now);
-        if idle < limit {
-            self.timers
-                .arm(now + (limit - idle), Timer::IdleCheck { slot, conn: id });
-            return;
+        for slot in 0..self.slots.len() {
+            let Some(conn) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            let idle = conn.idle_for(now);
+            if idle < limit {
+                continue;
+            }
+            // With bytes still held, a close would cut a stream: reset.
+            let gentle = conn.held() == 0;
+            log::info!("{} idle for {:?}: closing", conn.id, idle);
+            if conn.close_now("idle timeout", gentle, &mut ctx!(self)) == Status::Finished {
+                self.retire(slot);
+            }
         }
-        let Some(conn) = self.slots[slot].as_mut() else {
-            return;
-        };
-        log::info!("{} idle for {:?}: closing", conn.id, idle);
-        if conn.close_now("idle timeout", true, &mut ctx!(self)) == Status::Finished {
-            self.retire(slot);
-        }
+        self.timers
+            .arm(now + idle_sweep_every(limit), Timer::IdleSweep);
     }
 
     fn on_probe_event(&mut self, token: Token) {
@@ -655,10 +667,6 @@ impl Proxy {
                 log::debug!("{} accepted client {client_addr}", conn.id);
                 self.slots[slot] = Some(conn);
                 self.live += 1;
-                self.timers.arm(
-                    Instant::now() + self.config.idle_timeout,
-                    Timer::IdleCheck { slot, conn: id },
-                );
                 Some(slot)
             }
             Err(e) => {
@@ -668,6 +676,12 @@ impl Proxy {
             }
         }
     }
+}
+
+/// How often idle connections are looked for: an eighth of the timeout,
+/// within 10ms..60s.
+fn idle_sweep_every(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(60))
 }
 
 /// The connection in `slot`, if it is still connection `id` (slots are

@@ -10,6 +10,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use crate::balancer::Pool;
+use crate::connection::is_out_of_resources;
 use crate::timers::{Timer, Timers};
 
 struct Probe {
@@ -86,6 +87,11 @@ impl HealthChecks {
                             probe: id,
                         },
                     );
+                }
+                // Out of fds: our shortage, not the backend's failure.
+                Err(e) if is_out_of_resources(&e) => {
+                    log::debug!("health check of {addr} skipped: {e}");
+                    pool.abandoned(idx, now);
                 }
                 Err(e) => {
                     pool.failed(idx, now, &format!("health check: {e}"));

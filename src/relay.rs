@@ -113,6 +113,11 @@ impl Direction {
         matches!(self.flow, Flow::Closed | Flow::Aborted)
     }
 
+    /// Aborted, but its sender has not stopped sending yet.
+    pub fn still_sending(&self) -> bool {
+        self.flow == Flow::Aborted && !self.sender_gone
+    }
+
     /// Give up on this stream: drop what is held and free its disk space.
     pub fn abort(&mut self) {
         if !self.dst_done() {

@@ -284,6 +284,11 @@ impl SpillBuffer {
         dropped
     }
 
+    /// Memory is full and the file has room: the next byte needs disk.
+    pub fn needs_disk(&self) -> bool {
+        self.memory_room() == 0 && self.file_backlog() < self.spill_limit
+    }
+
     /// Why the buffer could not get disk space last time it tried, if it
     /// has not succeeded since.
     pub fn disk_blocked(&self) -> Option<&str> {
@@ -349,7 +354,7 @@ impl SpillBuffer {
                         self.can_reserve = false;
                     }
                     Err(e) => {
-                        self.budget.release(granted);
+                        self.budget.refund(granted);
                         return self.reserved_room().ok_or(Some(e));
                     }
                 }

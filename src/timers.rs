@@ -20,8 +20,10 @@ pub enum Timer {
     /// Connection `conn` in `slot` could not open a backend socket (out of
     /// fds): try again.
     ConnectRetry { slot: usize, conn: u64 },
-    /// Connection `conn` in `slot` may have been idle for `--idle-timeout`.
-    IdleCheck { slot: usize, conn: u64 },
+    /// Connection `conn` in `slot` has lingered long enough.
+    LingerEnd { slot: usize, conn: u64 },
+    /// Look for connections idle for `--idle-timeout`.
+    IdleSweep,
     /// Time to probe every backend.
     HealthRound,
     /// Probe number `probe` of backend `backend` gives up.

@@ -803,3 +803,55 @@ fn many_concurrent_connections_are_relayed_byte_exact() {
         assert_eq!(closed.reason, "done", "{}", closed.line);
     }
 }
+
+/// The backend sends a complete response (4MiB and EOF), then resets, while
+/// the client is still uploading. The response must reach the client in
+/// full with a clean EOF: closing the client's socket while it still has
+/// unread upload bytes would make the kernel reset it and throw away the
+/// end of the response still queued for it.
+#[test]
+fn a_complete_response_survives_a_backend_reset_while_the_client_still_sends() {
+    let data = Arc::new(random_bytes(64, 4 * MIB));
+    let (listener, backend_addr) = listen();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            s.write_all(&data).expect("backend write");
+            shutdown_write(&s);
+            wait_until_peer_read_all(&s, SECS_10);
+            reset(s);
+        })
+    };
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--log-level",
+        "debug",
+    ]);
+    let mut client = connect(proxy.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let uploader = {
+        let mut writer = client.try_clone().unwrap();
+        let stop = stop.clone();
+        spawn("uploader", move || {
+            let chunk = vec![7u8; 16 * KIB];
+            let deadline = Instant::now() + SECS_10;
+            // Until told to stop, the connection fails, or 10s: bounded.
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                if writer.write_all(&chunk).is_err() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    // Read nothing until the proxy has met the reset: by then it has
+    // handed the whole response to the kernel, where it waits for us.
+    proxy.wait_for_log(&format!("backend {backend_addr} closed abruptly"), SECS_10);
+    let got = read_to_eof_varied(&mut client, data.len(), Duration::from_secs(30));
+    stop.store(true, Ordering::SeqCst);
+    assert_bytes_eq("a complete response", &got, &data);
+    uploader.join(SECS_10);
+    backend.join(SECS_10);
+}
