@@ -106,8 +106,9 @@ pub struct Connection {
     /// no read or write would (a reset after the peer's EOF, while nothing
     /// is waiting to be written to it, shows up nowhere else).
     errored: (bool, bool),
-    /// A "cannot spill" warning is standing for (up, down).
-    disk_warned: (bool, bool),
+    /// Disk trouble of (up, down): how many times it began, and whether it
+    /// stands now.
+    disk_trouble: [(u32, bool); 2],
     /// When a byte last moved, either way (for --idle-timeout).
     last_active: Instant,
     /// Close without resetting peers even if streams were cut (idle
@@ -191,7 +192,7 @@ impl Connection {
             trouble: None,
             spill_warned: (false, false),
             errored: (false, false),
-            disk_warned: (false, false),
+            disk_trouble: [(0, false); 2],
             last_active: Instant::now(),
             gentle: false,
             linger_until: std::cell::Cell::new(None),
@@ -609,19 +610,27 @@ impl Connection {
     }
 
     /// WARN once when a direction cannot spill (disk full, over quota,
-    /// --max-disk) and falls back to backpressure; INFO when it can again.
+    /// --max-disk) and falls back to backpressure, the first time; INFO when
+    /// it can again. Later episodes are DEBUG.
     fn warn_on_disk_trouble(&mut self) {
         let backend = self.backend_label();
-        let directions = [
-            (&self.up, &mut self.disk_warned.0, "client"),
-            (&self.down, &mut self.disk_warned.1, "backend"),
-        ];
-        for (dir, warned, sender) in directions {
-            match (dir.buf.disk_blocked(), *warned) {
+        let [up, down] = &mut self.disk_trouble;
+        let directions = [(&self.up, up, "client"), (&self.down, down, "backend")];
+        for (dir, (episodes, standing), sender) in directions {
+            match (dir.buf.disk_blocked(), *standing) {
                 (Some(cause), false) => {
-                    *warned = true;
-                    log::warn!(
-                        "{} {} cannot spill to {} ({cause}); holding {} in memory and pausing reads from the {sender} until space frees: client={} backend={backend}",
+                    *standing = true;
+                    *episodes += 1;
+                    // While a full disk drains, space comes and goes:
+                    // the first time is the operator's cue, the rest noise.
+                    let level = if *episodes == 1 {
+                        log::Level::Warn
+                    } else {
+                        log::Level::Debug
+                    };
+                    log::log!(
+                        level,
+                        "{} {} cannot spill to {} ({cause}); holding {} and pausing reads from the {sender} until space frees: client={} backend={backend}",
                         self.id,
                         dir.label,
                         dir.buf.temp_dir().display(),
@@ -630,8 +639,13 @@ impl Connection {
                     );
                 }
                 (None, true) => {
-                    *warned = false;
-                    log::info!("{} {} spilling again", self.id, dir.label);
+                    *standing = false;
+                    let level = if *episodes == 1 {
+                        log::Level::Info
+                    } else {
+                        log::Level::Debug
+                    };
+                    log::log!(level, "{} {} spilling again", self.id, dir.label);
                 }
                 _ => {}
             }
