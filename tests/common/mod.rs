@@ -170,23 +170,50 @@ impl Proxy {
     /// `--listen 127.0.0.1:0 --log-file <tmp>/log --temp-dir <fresh dir>`,
     /// and wait until it logs the address it listens on.
     pub fn start(args: &[&str]) -> Proxy {
+        Proxy::start_with(args, Launch::default())
+    }
+
+    /// `start`, with the knobs of `launch`.
+    pub fn start_with(args: &[&str], launch: Launch) -> Proxy {
         let work_dir = TempDir::new("work");
         let spill_dir = TempDir::new("spill");
         let log_path = work_dir.path().join("log");
         let stderr_path = work_dir.path().join("stderr");
         let stderr = fs::File::create(&stderr_path).expect("create stderr file");
-        let child = Command::new(bin())
+        let temp_dir = launch
+            .temp_dir
+            .clone()
+            .unwrap_or_else(|| spill_dir.path().to_path_buf());
+        let mut command = Command::new(bin());
+        command
             .args(["--listen", "127.0.0.1:0"])
             .arg("--log-file")
             .arg(&log_path)
             .arg("--temp-dir")
-            .arg(spill_dir.path())
+            .arg(&temp_dir)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn spillway");
+            .stderr(stderr);
+        if let Some(limit) = launch.max_open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit runs between fork and exec: it is
+            // async-signal-safe and touches no memory of the parent's.
+            unsafe {
+                command.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command.spawn().expect("spawn spillway");
         let pid = child.id();
         let mut proxy = Proxy {
             child: Some(child),
@@ -194,7 +221,7 @@ impl Proxy {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_path,
             stderr_path,
-            temp_dir: spill_dir.path().to_path_buf(),
+            temp_dir,
             spill_dir,
             work_dir,
         };
@@ -360,6 +387,82 @@ impl Proxy {
                 let _ = child.wait();
                 panic!("spillway still running {timeout:?} after signal {signal}");
             }
+        }
+    }
+}
+
+/// How to start the proxy beyond its flags.
+#[derive(Default, Clone)]
+pub struct Launch {
+    /// Spill here instead of a fresh directory.
+    pub temp_dir: Option<PathBuf>,
+    /// `RLIMIT_NOFILE` for the proxy process.
+    pub max_open_files: Option<u64>,
+}
+
+impl Proxy {
+    /// Send `signal` and return at once.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid).expect("pid fits pid_t");
+        // SAFETY: kill only takes integers; the child is ours and not yet
+        // reaped (we hold it), so the pid cannot have been reused.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill: {}", io::Error::last_os_error());
+    }
+
+    /// Wait for the proxy to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("proxy already reaped");
+        match wait_with_deadline(&mut child, timeout) {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("spillway still running after {timeout:?}");
+            }
+        }
+    }
+
+    /// Open file descriptors of the proxy process.
+    pub fn fd_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// CPU time the proxy has used, from `/proc/PID/schedstat` (ns).
+    pub fn cpu_ns(&self) -> u64 {
+        let text = fs::read_to_string(format!("/proc/{}/schedstat", self.pid)).unwrap_or_default();
+        text.split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("schedstat")
+    }
+
+    /// Resident memory of the proxy, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Wait until the log holds `n` close lines.
+    pub fn wait_for_closes(&mut self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let closed = self.lines_containing(" closed client=").len();
+            if closed >= n {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{closed} of {n} connections closed within {timeout:?}"
+            );
+            thread::sleep(POLL);
         }
     }
 }
