@@ -105,8 +105,10 @@ pub struct Proxy {
     signals: Option<Signals>,
     slots: Vec<Option<Connection>>,
     free_slots: Vec<usize>,
-    /// Connections open now.
+    /// Connections open now, and the most open since memory was last
+    /// given back to the OS.
     live: usize,
+    peak_live: usize,
     /// First connection token: after the probes'.
     conn_base: usize,
     next_id: u64,
@@ -177,6 +179,7 @@ impl Proxy {
             slots: Vec::new(),
             free_slots: Vec::new(),
             live: 0,
+            peak_live: 0,
             conn_base: FIRST_PROBE + config.backends.len(),
             next_id: 1,
             accepting: Accepting::default(),
@@ -361,6 +364,7 @@ impl Proxy {
         self.slots[slot] = None;
         self.free_slots.push(slot);
         self.live -= 1;
+        self.give_back_memory();
         if let Some(d) = &mut self.draining {
             d.drained += 1;
         }
@@ -375,6 +379,24 @@ impl Proxy {
         if self.accepting.paused_until.take().is_some() {
             // An fd was just freed: the next accept may well succeed.
             self.accepting.pending = true;
+        }
+    }
+
+    /// Connection buffers (`--memory-buffer`, 64KiB by default) come from
+    /// the malloc heap, which keeps freed memory. When the number of open
+    /// connections has halved since its peak (or dropped to none), hand
+    /// what is free back to the OS, so RSS follows the load down. Rare
+    /// enough that the heap walk costs nothing that matters.
+    fn give_back_memory(&mut self) {
+        self.peak_live = self.peak_live.max(self.live + 1);
+        let dropped = self.live == 0 || (self.peak_live >= 64 && self.live * 2 <= self.peak_live);
+        if dropped && self.peak_live > self.live {
+            self.peak_live = self.live;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only walks the allocator's own free lists.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
     }
 

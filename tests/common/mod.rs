@@ -549,8 +549,18 @@ impl<T> Bg<T> {
 // Sockets
 
 /// A listener on `127.0.0.1:0` for a backend.
+/// Its accept queue is deep (1024, not std's 128): a burst of hundreds of
+/// connections from the proxy must not overflow it, or the kernel drops
+/// handshakes and the test measures SYN retransmission timers instead.
 pub fn listen() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind backend");
+    socket.listen(1024).expect("listen");
+    let listener: TcpListener = socket.into();
     let addr = listener.local_addr().expect("local_addr");
     (listener, addr)
 }
