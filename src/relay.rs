@@ -11,9 +11,9 @@ use std::net::Shutdown;
 
 use crate::spill::{Drain, Fill, SpillBuffer};
 
-/// Syscalls one `pump` call may make before it yields, so that one busy
-/// connection cannot starve the others and a bug cannot become a spin.
-/// With 64KiB reads that is up to 2MiB moved per turn.
+/// Rounds (a write and a read each) one `pump` call may make before it
+/// yields, so that one busy connection cannot starve the others and a bug
+/// cannot become a spin. With 64KiB buffers that is up to 2MiB each way.
 pub const OPS_PER_PUMP: usize = 32;
 
 /// Where the stream of one direction is in its life.
@@ -148,11 +148,12 @@ pub fn pump<R: Read, W: Receiver>(
         if dir.dst_done() {
             return Pumped::Idle;
         }
+        let mut progressed = false;
         if let Some(dst) = dst.as_mut().filter(|_| dir.dst_ready) {
             match dir.buf.drain_into(dst) {
                 Drain::Gave(n) => {
                     dir.bytes_out += n as u64;
-                    continue;
+                    progressed = true;
                 }
                 Drain::WouldBlock => dir.dst_ready = false,
                 Drain::Empty => {}
@@ -171,27 +172,32 @@ pub fn pump<R: Read, W: Receiver>(
                 };
             }
         }
+        // One read for every write: a receiver that keeps up must not
+        // starve the sender, or a backend is held while a fast client
+        // drains the backlog, which is what spilling is there to avoid.
         if dir.flow == Flow::Open && dir.src_ready && dir.buf.has_room() {
             let src = src.as_mut().expect("an open direction has a sender");
             match dir.buf.fill_from(src, scratch) {
                 Fill::Took(n) => {
                     dir.bytes_in += n as u64;
-                    continue;
+                    progressed = true;
                 }
                 Fill::Eof => {
                     dir.flow = Flow::Draining;
-                    continue;
+                    progressed = true;
                 }
                 Fill::WouldBlock => dir.src_ready = false,
                 // Memory is full and disk is not to be had: stop reading.
                 // `src_ready` stays set; the event loop retries when space
-                // may have freed.
-                Fill::NoDisk(_) => return Pumped::Idle,
+                // may have freed. Writing goes on.
+                Fill::NoDisk(_) => {}
                 Fill::SourceFailed(e) => return Pumped::Failed(Culprit::Sender, e),
                 Fill::SpillFailed(e) => return Pumped::Failed(Culprit::SpillFile, e),
             }
         }
-        return Pumped::Idle;
+        if !progressed {
+            return Pumped::Idle;
+        }
     }
     Pumped::MoreWork
 }
@@ -298,6 +304,53 @@ mod tests {
         assert_eq!(dir.flow, Flow::Closed, "EOF passed on");
         assert!(rx.shut);
         assert_eq!((dir.bytes_in, dir.bytes_out), (1000, 1000));
+    }
+
+    /// A sender with `left` bytes to give, then nothing for now (no EOF).
+    struct Open {
+        left: usize,
+    }
+    impl Read for Open {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.left);
+            buf[..n].fill(3);
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    /// A receiver that takes everything as fast as it comes must not
+    /// starve the sender while a backlog drains: each round reads too.
+    #[test]
+    fn a_fast_receiver_does_not_starve_the_sender() {
+        let (_tmp, mut dir) = direction(64 * 1024, 1 << 30);
+        let mut src = Open { left: 8 << 20 };
+        let mut rx = Window {
+            got: Vec::new(),
+            window: 0,
+            shut: false,
+        };
+        let mut scratch = vec![0u8; 64 * 1024];
+        dir.src_ready = true;
+        // A stalled receiver: 8MiB pile up, memory then disk.
+        while let Pumped::MoreWork = pump(&mut dir, Some(&mut src), Some(&mut rx), &mut scratch) {}
+        assert_eq!(dir.buf.len(), 8 << 20);
+        // The receiver now takes anything, and the sender has 8MiB more.
+        src.left = 8 << 20;
+        rx.window = usize::MAX;
+        dir.dst_ready = true;
+        dir.src_ready = true;
+        let _ = pump(&mut dir, Some(&mut src), Some(&mut rx), &mut scratch);
+        let read = dir.bytes_in - (8 << 20);
+        assert!(dir.bytes_out > 0, "wrote");
+        assert!(
+            read >= dir.bytes_out / 2,
+            "read {read} bytes from the sender in a turn that wrote {}",
+            dir.bytes_out
+        );
     }
 
     #[test]
