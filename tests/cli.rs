@@ -150,6 +150,23 @@ fn bad_balancing_flags_are_refused() {
 }
 
 #[test]
+fn bad_limit_flags_are_refused() {
+    assert_each_refused(
+        "--max-connections",
+        &[&["--max-connections", "0"], &["--max-connections", "lots"]],
+    );
+    assert_each_refused(
+        "--max-disk",
+        &[&["--max-disk", "lots"], &["--max-disk", "-1"]],
+    );
+    assert_each_refused(
+        "--idle-timeout",
+        &[&["--idle-timeout", "0s"], &["--idle-timeout", "10"]],
+    );
+    assert_each_refused("--shutdown-timeout", &[&["--shutdown-timeout", "5"]]);
+}
+
+#[test]
 fn bad_backend_weight_is_refused() {
     for weight in ["weight=0", "weight=1001", "weight=x", "w=2"] {
         let backend = format!("{},{weight}", some_backend());
@@ -257,6 +274,10 @@ fn help_lists_every_flag() {
         "--health-check",
         "--memory-buffer",
         "--max-spill",
+        "--max-connections",
+        "--max-disk",
+        "--idle-timeout",
+        "--shutdown-timeout",
         "--temp-dir",
         "--log-level",
         "--log-file",
