@@ -3,16 +3,21 @@
 //!
 //! ```text
 //!  accept ──► Connecting ──(writable, no error)──► Relaying ──► Finished
-//!                 │                                   │
-//!                 └──(refused / failed)───────────────┴──(error)──► Finished
+//!              │    ▲                                 │
+//!   refused /  │    │ next untried backend            │ error, idle timeout,
+//!   timed out  └────┘ (client bytes kept)             │ shutdown cut
+//!              │                                      ▼
+//!              └──(no backend left)─────────────────► Finished
 //! ```
 //!
 //! Each socket is closed as soon as both of its directions are done:
 //! the client when it has sent EOF (or failed) and everything bound for it
-//! was delivered; the backend likewise. An error on one socket aborts the
-//! direction into it, and the direction out of it too unless that stream
-//! was already complete (EOF seen): a cut-short stream is never passed on
-//! as a complete one, so its receiver is reset rather than shut down.
+//! was delivered; the backend likewise (lingering up to 2s if it is still
+//! sending on a direction we gave up, so the close is not a reset). An
+//! error on one socket aborts the direction into it, and the direction out
+//! of it too unless that stream was already complete (EOF seen): a
+//! cut-short stream is never passed on as a complete one, so its receiver
+//! is reset rather than shut down.
 
 use std::fmt;
 use std::io;
