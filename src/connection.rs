@@ -389,16 +389,22 @@ impl Connection {
         let delivered_before = self.down.bytes_out;
         let backend = self.backend.as_ref().filter(|_| self.connected);
         let up = pump(&mut self.up, self.client.as_ref(), backend, ctx.scratch);
+        let up_busy = matches!(up, Pumped::MoreWork);
+        // A failure is judged before the other direction touches the same
+        // socket: the failing call consumed the socket's error, and a read
+        // after a reset returns 0, which the other pump would take for a
+        // clean EOF and pass on as one.
+        self.handle_failure(up, (Side::Client, Side::Backend));
+        let backend = self.backend.as_ref().filter(|_| self.connected);
         let down = pump(&mut self.down, backend, self.client.as_ref(), ctx.scratch);
-        let busy = matches!(up, Pumped::MoreWork) || matches!(down, Pumped::MoreWork);
+        let busy = up_busy || matches!(down, Pumped::MoreWork);
+        self.handle_failure(down, (Side::Backend, Side::Client));
         if self.bytes_moved() != moved_before {
             self.last_active = Instant::now();
             self.client_spoke_last = self.down.bytes_out == delivered_before;
         }
         self.warn_on_first_spill();
         self.warn_on_disk_trouble();
-        self.handle_failure(up, (Side::Client, Side::Backend));
-        self.handle_failure(down, (Side::Backend, Side::Client));
         self.finish_turn(ctx, busy)
     }
 

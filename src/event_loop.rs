@@ -630,7 +630,6 @@ impl Proxy {
                 // Bytes the client sent before registration are not lost:
                 // epoll reports a socket's current readiness when it is added.
                 Ok((client, client_addr)) => {
-                    self.accepting.error_logged = false;
                     if let Some(slot) = self.open(client, client_addr) {
                         // Opening may already have failed over or given up
                         // (no backend could even be dialled): let it run.
@@ -638,6 +637,11 @@ impl Proxy {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The backlog is drained: a burst of accept errors, if
+                    // there was one, is over. (Resetting on each success
+                    // would log again after every close while fds stay
+                    // short, one accept at a time.)
+                    self.accepting.error_logged = false;
                     self.accepting.pending = false;
                     return;
                 }
