@@ -63,6 +63,20 @@ pub enum Status {
     Finished,
 }
 
+/// An address for a log line, or "-": formatted only if the line is
+/// written, so the checks that run on every turn allocate nothing.
+#[derive(Clone, Copy)]
+struct Label(Option<SocketAddr>);
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// The log prefix every line about one connection carries.
 pub struct Id(pub u64);
 
@@ -514,7 +528,7 @@ impl Connection {
             }
         };
         let peer = match side {
-            Side::Client => self.client_addr.to_string(),
+            Side::Client => Label(Some(self.client_addr)),
             Side::Backend => self.backend_label(),
         };
         if is_normal_close(&err) {
@@ -664,9 +678,8 @@ impl Connection {
     }
 
     /// The backend's address for logs: "-" if none was ever tried.
-    fn backend_label(&self) -> String {
-        self.backend_addr
-            .map_or_else(|| "-".into(), |a| a.to_string())
+    fn backend_label(&self) -> Label {
+        Label(self.backend_addr)
     }
 
     fn log_summary(&self) {
