@@ -200,11 +200,10 @@ impl SpillBuffer {
     /// bytes bound for the file; its length caps what one read may take.
     pub fn fill_from<R: Read>(&mut self, src: &mut R, scratch: &mut [u8]) -> Fill {
         debug_assert!(self.has_room(), "fill_from called with no room");
-        let room = self.memory_room();
-        if room > 0 {
+        if self.memory_room() > 0 {
             self.make_tail_room();
             let start = self.mem_head + self.mem_len;
-            return match read_step(src, &mut self.mem[start..start + room]) {
+            return match read_step(src, &mut self.mem[start..self.mem_limit]) {
                 Fill::Took(n) => {
                     self.mem_len += n;
                     self.check_invariants();
@@ -317,12 +316,19 @@ impl SpillBuffer {
         self.file.as_ref()
     }
 
-    /// Ensure the free memory starts right after the held bytes and runs to
-    /// `mem_limit`: allocate on first use, or slide held bytes to the front.
+    /// Make the free memory after the held bytes worth reading into:
+    /// allocate on first use; slide the held bytes to the front only when
+    /// more than half the free room is stuck before them. Sliding on every
+    /// read would copy up to `--memory-buffer` bytes per read whenever a
+    /// receiver takes part of what is held, the common case.
     fn make_tail_room(&mut self) {
         if self.mem.is_empty() {
             self.mem = vec![0; self.mem_limit];
-        } else if self.mem_head > 0 {
+            return;
+        }
+        let tail = self.mem_limit - (self.mem_head + self.mem_len);
+        let room = self.mem_limit - self.mem_len;
+        if tail < room / 2 || tail == 0 {
             self.mem
                 .copy_within(self.mem_head..self.mem_head + self.mem_len, 0);
             self.mem_head = 0;
