@@ -73,23 +73,7 @@ fn slow_client_download_spills_to_disk_and_arrives_intact() {
     );
     backend.join(SECS_10);
 
-    let warn = proxy.wait_for_log("backend->client spilling to disk", SECS_10);
-    assert!(warn.contains(" WARN [conn "), "a WARN line: {warn}");
-    assert!(
-        warn.contains(&format!("client={client_addr} backend={backend_addr}")),
-        "names both ends: {warn}"
-    );
-    assert_eq!(
-        proxy.temp_dir_entries(),
-        Vec::<String>::new(),
-        "spill files must be unnamed"
-    );
-    let files = proxy.spill_files();
-    assert!(
-        files.iter().any(|f| f.size > 0),
-        "a deleted, non-empty spill file under the temp dir in /proc/{}/fd: {files:?}",
-        proxy.pid
-    );
+    proxy.assert_spilling_unnamed("backend->client", client_addr, backend_addr);
     assert!(
         proxy
             .lines_containing("client->backend spilling")
@@ -153,22 +137,7 @@ fn fast_upload_to_a_stalled_backend_spills_and_arrives_intact() {
     // The backend reads nothing until this returns.
     send_and_shut(&mut client, &data);
 
-    let warn = proxy.wait_for_log("client->backend spilling to disk", SECS_10);
-    assert!(warn.contains(" WARN [conn "), "a WARN line: {warn}");
-    assert!(
-        warn.contains(&format!("client={client_addr} backend={backend_addr}")),
-        "{warn}"
-    );
-    assert_eq!(
-        proxy.temp_dir_entries(),
-        Vec::<String>::new(),
-        "spill files must be unnamed"
-    );
-    let files = proxy.spill_files();
-    assert!(
-        files.iter().any(|f| f.size > 0),
-        "a spill file in /proc: {files:?}"
-    );
+    proxy.assert_spilling_unnamed("client->backend", client_addr, backend_addr);
 
     go_tx.send(()).expect("backend alive");
     assert_eq!(read_to_eof(&mut client, 64), b"received\n");

@@ -359,6 +359,37 @@ impl Proxy {
         }
     }
 
+    /// `direction` ("backend->client" or "client->backend") has spilled:
+    /// its one WARN names both ends, nothing is visible in the temp dir,
+    /// and an unlinked, non-empty spill file is open under it.
+    pub fn assert_spilling_unnamed(
+        &mut self,
+        direction: &str,
+        client: SocketAddr,
+        backend: SocketAddr,
+    ) {
+        let warn = self.wait_for_log(
+            &format!("{direction} spilling to disk"),
+            Duration::from_secs(10),
+        );
+        assert!(warn.contains(" WARN [conn "), "a WARN line: {warn}");
+        assert!(
+            warn.contains(&format!("client={client} backend={backend}")),
+            "names both ends: {warn}"
+        );
+        assert_eq!(
+            self.temp_dir_entries(),
+            Vec::<String>::new(),
+            "spill files must be unnamed"
+        );
+        let files = self.spill_files();
+        assert!(
+            files.iter().any(|f| f.size > 0),
+            "a deleted, non-empty spill file under the temp dir in /proc/{}/fd: {files:?}",
+            self.pid
+        );
+    }
+
     /// Names visible in the temp dir (spill files never should be).
     pub fn temp_dir_entries(&self) -> Vec<String> {
         fs::read_dir(&self.temp_dir)
@@ -577,6 +608,11 @@ pub fn dead_addr() -> SocketAddr {
 /// lives: bound (without SO_REUSEADDR) but not listening, so no other
 /// socket can start listening there meanwhile.
 pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
+    bound_socket()
+}
+
+/// A TCP socket bound to an ephemeral port on 127.0.0.1, and that address.
+fn bound_socket() -> (socket2::Socket, SocketAddr) {
     let socket =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     socket
@@ -636,16 +672,7 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 /// make `connect` report `ECONNRESET` if the reset lands before this
 /// thread looks at the socket again.
 pub fn connect_from_known_port(addr: SocketAddr) -> (SocketAddr, io::Result<TcpStream>) {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind client");
-    let local = socket
-        .local_addr()
-        .expect("local_addr")
-        .as_socket()
-        .expect("an inet address");
+    let (socket, local) = bound_socket();
     let result = socket
         .connect_timeout(&addr.into(), Duration::from_secs(5))
         .map(|()| with_timeouts(socket.into()));
