@@ -182,15 +182,6 @@ fn echo(mut s: TcpStream, ends: &EchoEnds) {
 // ---------------------------------------------------------------------------
 // Clients and waiting
 
-/// Poll `done` until it holds, or panic after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "waited {timeout:?} for {what}");
-        thread::sleep(TICK);
-    }
-}
-
 /// Read the backend's greeting within `timeout`.
 fn expect_greeting(client: &mut TcpStream, timeout: Duration) {
     client.set_read_timeout(Some(timeout)).expect("timeout");

@@ -520,6 +520,17 @@ impl Drop for Proxy {
 }
 
 /// Wait for `child` to exit, up to `timeout`.
+/// Poll `done` every few milliseconds until it holds, or panic after
+/// `timeout`. For state another thread or process reaches on its own time
+/// (a backend's accept count, a file's size), where no log line marks it.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {timeout:?} for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
