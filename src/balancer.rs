@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// However often a backend keeps failing, it is retried at least this often.
@@ -73,37 +74,88 @@ pub struct FailPolicy {
     pub fail_timeout: Duration,
 }
 
+/// Where a backend stands. Packed into one `AtomicU64` per backend
+/// (see `State`), so that every worker thread reads and changes it without
+/// a lock: a change is one compare-and-swap, and the thread whose swap
+/// made the change is the one that logs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Standing {
     Up,
-    /// Skipped until `until`; then one trial decides.
+    /// Skipped until `until` (milliseconds since the pool's epoch); then
+    /// one trial decides.
     Down {
-        until: Instant,
+        until: u64,
     },
     /// A trial connection (or health check) is under way.
     Trial,
 }
 
-struct Backend {
-    spec: BackendSpec,
-    /// Smooth weighted round-robin's running score.
-    current: i64,
-    /// Connections holding this backend now.
-    active: u32,
-    /// Connect failures in a row.
-    fails: u32,
+/// A backend's standing with its failure count and how many times its
+/// down time has doubled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
     standing: Standing,
-    /// How long the next time down lasts.
-    backoff: Duration,
+    /// Connect failures in a row (saturating).
+    fails: u32,
+    /// The next time down lasts `--fail-timeout` times 2^doublings.
+    doublings: u32,
 }
 
+impl State {
+    const UP: State = State {
+        standing: Standing::Up,
+        fails: 0,
+        doublings: 0,
+    };
+
+    // Layout: bits 0-1 standing, 2-7 doublings, 8-23 fails, 24-63 until.
+    fn pack(self) -> u64 {
+        let (kind, until) = match self.standing {
+            Standing::Up => (0, 0),
+            Standing::Down { until } => (1, until.min((1 << 40) - 1)),
+            Standing::Trial => (2, 0),
+        };
+        kind | u64::from(self.doublings.min(63)) << 2
+            | u64::from(self.fails.min(0xffff)) << 8
+            | until << 24
+    }
+
+    fn unpack(bits: u64) -> State {
+        let until = bits >> 24;
+        State {
+            standing: match bits & 3 {
+                0 => Standing::Up,
+                1 => Standing::Down { until },
+                _ => Standing::Trial,
+            },
+            doublings: ((bits >> 2) & 63) as u32,
+            fails: ((bits >> 8) & 0xffff) as u32,
+        }
+    }
+}
+
+struct Backend {
+    spec: BackendSpec,
+    /// Connections holding this backend now, in every worker.
+    active: AtomicU32,
+    state: AtomicU64,
+}
+
+/// The pool is shared by every worker thread; all of its state is atomics.
 pub struct Pool {
     backends: Vec<Backend>,
     strategy: Strategy,
     policy: FailPolicy,
-    rng: u64,
-    /// Where least-conn starts looking, so ties rotate.
-    cursor: usize,
+    /// One period of smooth weighted round-robin over every backend,
+    /// computed once: a shared cursor walks it, so the rotation is exact
+    /// across workers, and a backend that is out is stepped over.
+    order: Vec<usize>,
+    /// Where round-robin is in `order`, and where least-conn starts looking
+    /// (so that ties rotate).
+    cursor: AtomicUsize,
+    rng: AtomicU64,
+    /// Down times are kept as milliseconds since this moment.
+    epoch: Instant,
 }
 
 impl Pool {
@@ -114,17 +166,16 @@ impl Pool {
                 .iter()
                 .map(|&spec| Backend {
                     spec,
-                    current: 0,
-                    active: 0,
-                    fails: 0,
-                    standing: Standing::Up,
-                    backoff: policy.fail_timeout,
+                    active: AtomicU32::new(0),
+                    state: AtomicU64::new(State::UP.pack()),
                 })
                 .collect(),
             strategy,
             policy,
-            rng: seed | 1,
-            cursor: 0,
+            order: smooth_order(specs),
+            cursor: AtomicUsize::new(0),
+            rng: AtomicU64::new(seed),
+            epoch: Instant::now(),
         }
     }
 
@@ -141,190 +192,272 @@ impl Pool {
     }
 
     pub fn active(&self, idx: usize) -> u32 {
-        self.backends[idx].active
+        self.backends[idx].active.load(Ordering::Relaxed)
     }
 
     pub fn is_up(&self, idx: usize) -> bool {
-        self.backends[idx].standing == Standing::Up
+        self.state(idx).standing == Standing::Up
     }
 
     /// Choose a backend for a connection that has already tried `tried`.
     /// `None` when every backend has been tried. The choice is counted as
     /// an active connection until `release`.
-    pub fn pick(&mut self, now: Instant, tried: &[usize]) -> Option<usize> {
-        let untried = |i: &usize| !tried.contains(i);
-        let eligible: Vec<usize> = (0..self.backends.len())
-            .filter(untried)
-            .filter(|&i| self.eligible(i, now))
-            .collect();
-        let candidates = if eligible.is_empty() {
+    pub fn pick(&self, now: Instant, tried: &[usize]) -> Option<usize> {
+        let now = self.millis(now);
+        let n = self.backends.len();
+        let untried = |i: usize| !tried.contains(&i);
+        let chosen = match self.strategy {
+            Strategy::RoundRobin => self.round_robin(now, &untried),
+            // Another worker may claim a trial between the look and the
+            // claim: then look again (each failed claim means a backend
+            // left the eligible set, so n + 1 looks suffice).
+            Strategy::LeastConn => (0..=n).find_map(|_| {
+                let i = self.least_conn(now, &untried)?;
+                self.claim(i, now).then_some(i)
+            }),
+            Strategy::Random2 => (0..=n).find_map(|_| {
+                let i = self.random2(now, &untried)?;
+                self.claim(i, now).then_some(i)
+            }),
+        };
+        let idx = match chosen {
+            Some(i) => i,
             // Everything left is down: try it anyway, soonest-back first.
-            let mut rest: Vec<usize> = (0..self.backends.len()).filter(untried).collect();
-            rest.sort_by_key(|&i| match self.backends[i].standing {
-                Standing::Down { until } => until,
-                _ => now,
-            });
-            rest.truncate(1);
-            rest
-        } else {
-            eligible
+            None => {
+                let i = (0..n).filter(|&i| untried(i)).min_by_key(|&i| {
+                    match self.state(i).standing {
+                        Standing::Down { until } => until,
+                        _ => now,
+                    }
+                })?;
+                self.claim(i, u64::MAX);
+                i
+            }
         };
-        let idx = match candidates.as_slice() {
-            [] => return None,
-            [only] => *only,
-            _ => match self.strategy {
-                Strategy::RoundRobin => self.smooth_round_robin(&candidates),
-                Strategy::LeastConn => self.least_conn(&candidates),
-                Strategy::Random2 => self.random2(&candidates),
-            },
-        };
-        let b = &mut self.backends[idx];
-        if let Standing::Down { .. } = b.standing {
-            b.standing = Standing::Trial;
-        }
-        b.active += 1;
+        self.backends[idx].active.fetch_add(1, Ordering::Relaxed);
         Some(idx)
     }
 
     /// A connection chosen by `pick` no longer holds `idx`.
-    pub fn release(&mut self, idx: usize) {
-        let b = &mut self.backends[idx];
-        debug_assert!(b.active > 0, "release without pick");
-        b.active = b.active.saturating_sub(1);
+    pub fn release(&self, idx: usize) {
+        let released =
+            self.backends[idx]
+                .active
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| a.checked_sub(1));
+        debug_assert!(released.is_ok(), "release without pick");
     }
 
     /// A connect (or health check) to `idx` succeeded. Brings a down
     /// backend back up, with an INFO line.
-    pub fn succeeded(&mut self, idx: usize) {
-        let fail_timeout = self.policy.fail_timeout;
-        let b = &mut self.backends[idx];
-        if b.standing != Standing::Up {
-            log::info!("backend {} is back up", b.spec.addr);
+    pub fn succeeded(&self, idx: usize) {
+        let old = self.update(idx, |_| Some(State::UP));
+        if old.standing != Standing::Up {
+            log::info!("backend {} is back up", self.addr(idx));
         }
-        b.fails = 0;
-        b.standing = Standing::Up;
-        b.backoff = fail_timeout;
     }
 
     /// A connect (or health check) to `idx` failed because of `cause`.
     /// Takes the backend down, with a WARN line, at `--max-fails` failures
     /// in a row, or at once if it was on trial; a failed trial doubles the
     /// time it stays down. Returns how long it is down for, if it went down.
-    pub fn failed(&mut self, idx: usize, now: Instant, cause: &str) -> Option<Duration> {
+    pub fn failed(&self, idx: usize, now: Instant, cause: &str) -> Option<Duration> {
+        let now_ms = self.millis(now);
         let max_fails = self.policy.max_fails;
-        let b = &mut self.backends[idx];
-        b.fails = b.fails.saturating_add(1);
-        match b.standing {
-            Standing::Up if b.fails >= max_fails => {
-                log::warn!(
-                    "backend {} marked down after {} failed connects in a row (last: {cause}); next try in {:?}",
-                    b.spec.addr,
-                    b.fails,
-                    b.backoff
-                );
+        let next = |s: State| {
+            let fails = s.fails.saturating_add(1);
+            let doublings = match s.standing {
+                Standing::Up if fails >= max_fails => s.doublings,
+                Standing::Trial => {
+                    s.doublings + u32::from(self.backoff(s.doublings) < MAX_FAIL_TIMEOUT)
+                }
+                Standing::Up | Standing::Down { .. } => return State { fails, ..s },
+            };
+            let until = now_ms + self.backoff(doublings).as_millis() as u64;
+            State {
+                standing: Standing::Down { until },
+                fails,
+                doublings,
             }
-            Standing::Trial => {
-                b.backoff = (b.backoff * 2).min(MAX_FAIL_TIMEOUT);
-                log::debug!(
-                    "backend {} still down ({cause}); next try in {:?}",
-                    b.spec.addr,
-                    b.backoff
-                );
-            }
-            Standing::Up | Standing::Down { .. } => return None,
-        }
-        b.standing = Standing::Down {
-            until: now + b.backoff,
         };
-        Some(b.backoff)
+        // `next` is pure, so what was stored is `next` of what it replaced.
+        let old = self.update(idx, |s| Some(next(s)));
+        let new = next(old);
+        let backoff = self.backoff(new.doublings);
+        match (old.standing, new.standing) {
+            (Standing::Up, Standing::Down { .. }) => log::warn!(
+                "backend {} marked down after {} failed connects in a row (last: {cause}); next try in {backoff:?}",
+                self.addr(idx),
+                new.fails,
+            ),
+            (Standing::Trial, Standing::Down { .. }) => log::debug!(
+                "backend {} still down ({cause}); next try in {backoff:?}",
+                self.addr(idx),
+            ),
+            _ => return None,
+        }
+        Some(backoff)
     }
 
     /// A trial's connection went away before its connect was decided (the
     /// client left): let the next connection or health check decide.
-    pub fn abandoned(&mut self, idx: usize, now: Instant) {
-        let b = &mut self.backends[idx];
-        if b.standing == Standing::Trial {
-            b.standing = Standing::Down { until: now };
-        }
+    pub fn abandoned(&self, idx: usize, now: Instant) {
+        let until = self.millis(now);
+        self.update(idx, |s| match s.standing {
+            Standing::Trial => Some(State {
+                standing: Standing::Down { until },
+                ..s
+            }),
+            _ => None,
+        });
     }
 
-    /// A health check is about to decide for `idx`.
-    pub fn start_trial(&mut self, idx: usize) {
-        let b = &mut self.backends[idx];
-        if let Standing::Down { .. } = b.standing {
-            b.standing = Standing::Trial;
-        }
+    /// A health check wants to decide for `idx`: true if it may (the
+    /// backend is down and no trial is under way).
+    pub fn start_trial(&self, idx: usize) -> bool {
+        self.claim(idx, u64::MAX) && !self.is_up(idx)
     }
 
     /// Backends whose down time is over and that have no trial under way:
     /// a health check may decide for them instead of a client.
     pub fn due_for_trial(&self, idx: usize, now: Instant) -> bool {
-        matches!(self.backends[idx].standing, Standing::Down { until } if now >= until)
+        matches!(self.state(idx).standing, Standing::Down { until } if self.millis(now) >= until)
     }
 
-    fn eligible(&self, idx: usize, now: Instant) -> bool {
-        match self.backends[idx].standing {
+    fn state(&self, idx: usize) -> State {
+        State::unpack(self.backends[idx].state.load(Ordering::Acquire))
+    }
+
+    /// Apply `change` atomically; returns the state it replaced (the
+    /// current one if `change` declined).
+    fn update(&self, idx: usize, change: impl Fn(State) -> Option<State>) -> State {
+        let bits =
+            self.backends[idx]
+                .state
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+                    change(State::unpack(bits)).map(State::pack)
+                });
+        State::unpack(bits.unwrap_or_else(|current| current))
+    }
+
+    fn eligible(&self, idx: usize, now: u64) -> bool {
+        match self.state(idx).standing {
             Standing::Up => true,
             Standing::Down { until } => now >= until,
             Standing::Trial => false,
         }
     }
 
-    /// nginx's smooth weighted round-robin: every candidate's score grows
-    /// by its weight, the highest wins and pays back the total. Weights
-    /// 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
-    fn smooth_round_robin(&mut self, candidates: &[usize]) -> usize {
-        let mut total = 0i64;
-        let mut best = candidates[0];
-        for &i in candidates {
-            let b = &mut self.backends[i];
-            b.current += i64::from(b.spec.weight);
-            total += i64::from(b.spec.weight);
-            if b.current > self.backends[best].current {
-                best = i;
+    /// Take `idx` for a connection: an up backend always, a down one whose
+    /// time is over (by `now`) only as its one trial.
+    fn claim(&self, idx: usize, now: u64) -> bool {
+        let old = self.update(idx, |s| match s.standing {
+            Standing::Down { until } if now >= until => Some(State {
+                standing: Standing::Trial,
+                ..s
+            }),
+            _ => None,
+        });
+        match old.standing {
+            Standing::Up => true,
+            Standing::Down { until } => now >= until,
+            Standing::Trial => false,
+        }
+    }
+
+    fn backoff(&self, doublings: u32) -> Duration {
+        self.policy
+            .fail_timeout
+            .saturating_mul(1 << doublings.min(31))
+            .min(MAX_FAIL_TIMEOUT.max(self.policy.fail_timeout))
+    }
+
+    fn millis(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// The next backend in the smooth order that this connection may use,
+    /// stepping over those that are out. Within one period every backend
+    /// comes up, so one period of steps is enough.
+    fn round_robin(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<usize> {
+        for _ in 0..self.order.len() {
+            let at = self.cursor.fetch_add(1, Ordering::Relaxed) % self.order.len();
+            let i = self.order[at];
+            if untried(i) && self.eligible(i, now) && self.claim(i, now) {
+                return Some(i);
             }
         }
-        self.backends[best].current -= total;
-        best
+        None
     }
 
     /// Fewest active connections per weight; ties go round the pool.
-    fn least_conn(&mut self, candidates: &[usize]) -> usize {
+    fn least_conn(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.backends.len();
-        let start = self.cursor;
-        let mut ordered: Vec<usize> = candidates.to_vec();
-        ordered.sort_by_key(|&i| (i + n - start) % n);
-        let best = ordered
-            .into_iter()
-            .reduce(|a, b| if self.lighter(b, a) { b } else { a })
-            .expect("candidates is not empty");
-        self.cursor = (best + 1) % n;
-        best
+        let start = self.cursor.load(Ordering::Relaxed);
+        let best = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| untried(i) && self.eligible(i, now))
+            .reduce(|a, b| if self.lighter(b, a) { b } else { a })?;
+        self.cursor.store(best + 1, Ordering::Relaxed);
+        Some(best)
     }
 
     /// Two distinct random candidates; the less loaded wins.
-    fn random2(&mut self, candidates: &[usize]) -> usize {
-        let n = candidates.len() as u64;
-        let a = self.next_random() % n;
-        let b = (a + 1 + self.next_random() % (n - 1)) % n;
-        let (a, b) = (candidates[a as usize], candidates[b as usize]);
-        if self.lighter(b, a) { b } else { a }
+    fn random2(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<usize> {
+        let usable = |i: &usize| untried(*i) && self.eligible(*i, now);
+        let n = self.backends.len();
+        let k = (0..n).filter(usable).count() as u64;
+        let nth = |m: u64| (0..n).filter(usable).nth(m as usize);
+        match k {
+            0 => None,
+            1 => nth(0),
+            _ => {
+                let a = self.next_random() % k;
+                let b = (a + 1 + self.next_random() % (k - 1)) % k;
+                let (a, b) = (nth(a)?, nth(b)?);
+                Some(if self.lighter(b, a) { b } else { a })
+            }
+        }
     }
 
     /// Is `a` strictly less loaded than `b`, per unit of weight?
     fn lighter(&self, a: usize, b: usize) -> bool {
-        let (a, b) = (&self.backends[a], &self.backends[b]);
-        u64::from(a.active) * u64::from(b.spec.weight)
-            < u64::from(b.active) * u64::from(a.spec.weight)
+        let (wa, wb) = (self.backends[a].spec.weight, self.backends[b].spec.weight);
+        u64::from(self.active(a)) * u64::from(wb) < u64::from(self.active(b)) * u64::from(wa)
     }
 
-    fn next_random(&mut self) -> u64 {
-        // xorshift64: plenty for spreading load, and seedable for tests.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng
+    fn next_random(&self) -> u64 {
+        // splitmix64 over a shared counter: one atomic add, no lock, and
+        // seedable for tests.
+        let mut z = self
+            .rng
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
+}
+
+/// nginx's smooth weighted round-robin, run for one period (the sum of the
+/// weights): every backend's score grows by its weight, the highest wins
+/// and pays back the total. Weights 5,1,1 give a,a,b,a,c,a,a rather than
+/// a,a,a,a,a,b,c. The sequence then repeats.
+fn smooth_order(specs: &[BackendSpec]) -> Vec<usize> {
+    let total: i64 = specs.iter().map(|s| i64::from(s.weight)).sum();
+    let mut score = vec![0i64; specs.len()];
+    (0..total)
+        .map(|_| {
+            let mut best = 0;
+            for (i, s) in specs.iter().enumerate() {
+                score[i] += i64::from(s.weight);
+                if score[i] > score[best] {
+                    best = i;
+                }
+            }
+            score[best] -= total;
+            best
+        })
+        .collect()
 }
 
 /// Parse `ADDR` or `ADDR,weight=N` for `--backend`.
@@ -389,7 +522,7 @@ mod tests {
     #[test]
     fn smooth_round_robin_follows_the_weights_without_bursts() {
         for weights in [&[1, 1, 1][..], &[1, 2, 3], &[5, 1, 1]] {
-            let mut p = pool(weights, Strategy::RoundRobin);
+            let p = pool(weights, Strategy::RoundRobin);
             let now = Instant::now();
             let seq: Vec<usize> = (0..300)
                 .map(|_| {
@@ -400,7 +533,7 @@ mod tests {
                 .collect();
             assert_smooth(&seq, weights);
         }
-        let mut p = pool(&[5, 1, 1], Strategy::RoundRobin);
+        let p = pool(&[5, 1, 1], Strategy::RoundRobin);
         let now = Instant::now();
         let seq: Vec<usize> = (0..7).map(|_| p.pick(now, &[]).unwrap()).collect();
         assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
@@ -408,7 +541,7 @@ mod tests {
 
     #[test]
     fn least_conn_prefers_the_idle_backend() {
-        let mut p = pool(&[1, 1, 1], Strategy::LeastConn);
+        let p = pool(&[1, 1, 1], Strategy::LeastConn);
         let now = Instant::now();
         let a = p.pick(now, &[]).unwrap();
         let b = p.pick(now, &[]).unwrap();
@@ -426,7 +559,7 @@ mod tests {
 
     #[test]
     fn random2_never_picks_the_busier_of_two() {
-        let mut p = pool(&[1, 1], Strategy::Random2);
+        let p = pool(&[1, 1], Strategy::Random2);
         let now = Instant::now();
         for _ in 0..50 {
             let i = p.pick(now, &[]).unwrap();
@@ -437,7 +570,7 @@ mod tests {
 
     #[test]
     fn down_after_max_fails_then_one_trial_decides() {
-        let mut p = pool(&[1, 1], Strategy::RoundRobin);
+        let p = pool(&[1, 1], Strategy::RoundRobin);
         let t0 = Instant::now();
         assert_eq!(p.failed(0, t0, "refused"), None);
         assert_eq!(p.failed(0, t0, "refused"), None);
@@ -465,7 +598,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_trial_lets_the_next_one_decide() {
-        let mut p = pool(&[1, 1], Strategy::RoundRobin);
+        let p = pool(&[1, 1], Strategy::RoundRobin);
         let t0 = Instant::now();
         for _ in 0..3 {
             p.failed(0, t0, "refused");
@@ -480,7 +613,7 @@ mod tests {
 
     #[test]
     fn backoff_is_capped() {
-        let mut p = pool(&[1], Strategy::RoundRobin);
+        let p = pool(&[1], Strategy::RoundRobin);
         let mut now = Instant::now();
         for _ in 0..3 {
             p.failed(0, now, "refused");
@@ -497,7 +630,7 @@ mod tests {
 
     #[test]
     fn every_backend_once_then_none() {
-        let mut p = pool(&[1, 1, 1], Strategy::RoundRobin);
+        let p = pool(&[1, 1, 1], Strategy::RoundRobin);
         let now = Instant::now();
         let mut tried = Vec::new();
         while let Some(i) = p.pick(now, &tried) {
@@ -505,6 +638,54 @@ mod tests {
         }
         tried.sort();
         assert_eq!(tried, [0, 1, 2]);
+    }
+
+    #[test]
+    fn state_survives_packing() {
+        let states = [
+            State::UP,
+            State {
+                standing: Standing::Down { until: 123_456_789 },
+                fails: 9999,
+                doublings: 5,
+            },
+            State {
+                standing: Standing::Trial,
+                fails: 3,
+                doublings: 63,
+            },
+        ];
+        for s in states {
+            assert_eq!(State::unpack(s.pack()), s);
+        }
+    }
+
+    /// Four threads picking at once (as four workers do) share one
+    /// rotation: 1200 picks with weights 1,2,3 split exactly 200/400/600,
+    /// and every active count returns to zero.
+    #[test]
+    fn round_robin_is_exact_under_concurrent_picks() {
+        let p = std::sync::Arc::new(pool(&[1, 2, 3], Strategy::RoundRobin));
+        let counts: Vec<[u32; 3]> = (0..4)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let mut c = [0u32; 3];
+                    for _ in 0..300 {
+                        let i = p.pick(Instant::now(), &[]).unwrap();
+                        c[i] += 1;
+                        p.release(i);
+                    }
+                    c
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let total: Vec<u32> = (0..3).map(|i| counts.iter().map(|c| c[i]).sum()).collect();
+        assert_eq!(total, [200, 400, 600]);
+        assert!((0..3).all(|i| p.active(i) == 0));
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub const MAX_MEMORY_BUFFER: u64 = 1 << 30;
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_FAILS: u32 = 3;
+/// A backend's failure count is kept in 16 bits (see `balancer`).
+pub const MAX_MAX_FAILS: u32 = 10_000;
+pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -54,6 +57,13 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long in-flight connections may drain after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// Event-loop threads, each with its own listening socket.
+    pub workers: usize,
+}
+
+/// One worker per core the process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
 }
 
 impl Default for Config {
@@ -74,6 +84,7 @@ impl Default for Config {
             max_disk: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            workers: 1,
         }
     }
 }
@@ -116,16 +127,28 @@ impl Config {
                 });
             }
         }
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(ConfigError {
+                flag: "--workers",
+                problem: format!(
+                    "{} is out of range: expected 1 to {MAX_WORKERS}, e.g. --workers 4",
+                    self.workers
+                ),
+            });
+        }
         if self.max_connections == 0 {
             return Err(ConfigError {
                 flag: "--max-connections",
                 problem: "must be at least 1".into(),
             });
         }
-        if self.max_fails == 0 {
+        if !(1..=MAX_MAX_FAILS).contains(&self.max_fails) {
             return Err(ConfigError {
                 flag: "--max-fails",
-                problem: "must be at least 1".into(),
+                problem: format!(
+                    "{} is out of range: expected 1 to {MAX_MAX_FAILS}",
+                    self.max_fails
+                ),
             });
         }
         if !(MIN_MEMORY_BUFFER..=MAX_MEMORY_BUFFER).contains(&self.memory_buffer) {

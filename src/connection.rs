@@ -157,7 +157,7 @@ impl BufferPlan {
 /// What a connection needs from the event loop while it runs.
 pub struct Ctx<'a> {
     pub registry: &'a Registry,
-    pub pool: &'a mut Pool,
+    pub pool: &'a Pool,
     pub timers: &'a mut Timers,
     pub scratch: &'a mut [u8],
     pub stats: &'a Stats,

@@ -17,7 +17,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::balancer::BackendSpec;
 use crate::config::{Config, show_size};
-use crate::event_loop::Proxy;
+use crate::proxy::Proxy;
 
 pub const DEFAULT_SIZE: u64 = 32 << 20;
 pub const DEFAULT_RATE: u64 = 4 << 20;

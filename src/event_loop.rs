@@ -1,39 +1,33 @@
-//! The event loop: one `Poll`, the listener, a slab of connections, the
-//! timers, and the signals.
+//! One worker: an event loop on its own thread, with its own `Poll`,
+//! listening socket, slab of connections and timers. What the workers
+//! share (pool, limits, counters, shutdown) is in `proxy::Shared`.
 //!
-//! Tokens: 0 the listener, 1 signals, 2 the stop waker, then one per
-//! backend for its health probe, then two per connection slot, client and
-//! backend: `conn_base + slot * 2 (+1)`.
+//! Tokens: 0 the listener, 1 the waker (another worker or the supervisor
+//! has news), then one per backend for its health probe (worker 0 runs the
+//! health checks), then two per connection slot, client and backend:
+//! `conn_base + slot * 2 (+1)`.
 //!
 //! One turn: poll (sleeping until the earliest timer when nothing is
-//! ready), note readiness, run due timers, drive every connection touched,
-//! then accept. Work that a turn leaves (a connection whose budget ran out,
-//! a listener with more clients) makes the next poll not wait.
+//! ready), note readiness, look at what the other threads said, run due
+//! timers, drive every connection touched, then accept. Work that a turn
+//! leaves (a connection whose budget ran out, a listener with more
+//! clients) makes the next poll not wait.
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook_mio::v1_0::Signals;
+use mio::{Events, Poll, Token};
 
-use crate::balancer::{FailPolicy, Pool};
-use crate::config::{Config, ConfigError, show_size};
-use crate::connection::{BufferPlan, Connection, Ctx, Side, Status};
-use crate::disk::DiskBudget;
+use crate::config::Config;
+use crate::connection::{Connection, Ctx, Side, Status};
 use crate::health::HealthChecks;
-use crate::logging;
-use crate::stats::Stats;
+use crate::proxy::Shared;
 use crate::timers::{Timer, Timers};
 
-const LISTENER: Token = Token(0);
-const SIGNALS: Token = Token(1);
-const WAKER: Token = Token(2);
-const FIRST_PROBE: usize = 3;
+const FIRST_PROBE: usize = 2;
 
 /// Accepts per listener event before other work gets a turn.
 const ACCEPTS_PER_TURN: usize = 64;
@@ -55,22 +49,6 @@ const QUIET_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 /// Largest read into the spill path's scratch buffer.
 const MAX_SCRATCH: usize = 1 << 20;
 
-/// Stops a running proxy from another thread, at once.
-#[derive(Clone)]
-pub struct Stopper {
-    flag: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-}
-
-impl Stopper {
-    pub fn stop(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            log::error!("cannot wake the event loop to stop it: {e}");
-        }
-    }
-}
-
 /// Where accepting stands.
 #[derive(Default)]
 struct Accepting {
@@ -78,8 +56,6 @@ struct Accepting {
     pending: bool,
     /// Out of fds or memory: not before then (or until a connection closes).
     paused_until: Option<Instant>,
-    /// The accept error of this burst was logged.
-    error_logged: bool,
     /// `--max-connections` is reached: clients wait in the kernel backlog.
     at_limit: bool,
 }
@@ -93,32 +69,25 @@ struct Draining {
     drained: usize,
 }
 
-pub struct Proxy {
+pub struct Worker {
+    index: usize,
     poll: Poll,
     /// `None` once a shutdown has begun: new clients are refused.
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
-    config: Config,
-    plan: BufferPlan,
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    signals: Option<Signals>,
+    shared: Arc<Shared>,
     slots: Vec<Option<Connection>>,
     free_slots: Vec<usize>,
-    /// Connections open now, and the most open since memory was last
-    /// given back to the OS.
+    /// This worker's connections open now, and the most open since memory
+    /// was last given back to the OS.
     live: usize,
     peak_live: usize,
     /// First connection token: after the probes'.
     conn_base: usize,
-    next_id: u64,
     accepting: Accepting,
     scratch: Vec<u8>,
-    stats: Arc<Stats>,
-    pool: Pool,
     timers: Timers,
     health: Option<HealthChecks>,
-    disk: Arc<DiskBudget>,
     /// Connections that stopped reading for want of disk space.
     disk_waiters: Vec<usize>,
     disk_releases_seen: u64,
@@ -132,125 +101,68 @@ macro_rules! ctx {
     ($p:ident) => {
         Ctx {
             registry: $p.poll.registry(),
-            pool: &mut $p.pool,
+            pool: &$p.shared.pool,
             timers: &mut $p.timers,
             scratch: &mut $p.scratch,
-            stats: &$p.stats,
-            connect_timeout: $p.config.connect_timeout,
-            max_attempts: max_attempts(&$p.config),
+            stats: &$p.shared.stats,
+            connect_timeout: $p.shared.config.connect_timeout,
+            max_attempts: max_attempts(&$p.shared.config),
         }
     };
 }
 
-impl Proxy {
-    /// Validate `config` and bind the listener. Nothing is accepted until
-    /// `run`; an error here means nothing is listening.
-    pub fn bind(config: Config) -> Result<Proxy, ConfigError> {
-        config.validate()?;
-        let mut listener = TcpListener::bind(config.listen).map_err(|e| ConfigError {
-            flag: "--listen",
-            problem: format!("cannot listen on {}: {e}", config.listen),
-        })?;
-        let startup = |e: io::Error| ConfigError {
-            flag: "startup",
-            problem: e.to_string(),
-        };
-        let local_addr = listener.local_addr().map_err(startup)?;
-        let poll = Poll::new().map_err(startup)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(startup)?);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(startup)?;
-        let disk = Arc::new(DiskBudget::new(config.max_disk));
-        Ok(Proxy {
+impl Worker {
+    pub const LISTENER: Token = Token(0);
+    pub const WAKER: Token = Token(1);
+
+    /// A worker around `poll`, on which the listener and the waker are
+    /// registered already.
+    pub fn new(
+        index: usize,
+        poll: Poll,
+        listener: TcpListener,
+        local_addr: SocketAddr,
+        shared: Arc<Shared>,
+    ) -> Worker {
+        let config = &shared.config;
+        // Health checks need doing once, not once per worker.
+        let health = config
+            .health_check
+            .filter(|_| index == 0)
+            .map(|every| HealthChecks::new(every, config.backends.len(), FIRST_PROBE));
+        Worker {
+            index,
+            poll,
             listener: Some(listener),
             local_addr,
-            plan: BufferPlan {
-                memory: config.memory_buffer as usize,
-                max_spill: config.max_spill,
-                temp_dir: Arc::<Path>::from(config.temp_dir.as_path()),
-                disk: disk.clone(),
-            },
-            scratch: vec![0; (config.memory_buffer as usize).clamp(64 * 1024, MAX_SCRATCH)],
-            poll,
-            stop: Arc::new(AtomicBool::new(false)),
-            waker,
-            signals: None,
             slots: Vec::new(),
             free_slots: Vec::new(),
             live: 0,
             peak_live: 0,
             conn_base: FIRST_PROBE + config.backends.len(),
-            next_id: 1,
             accepting: Accepting::default(),
-            stats: Arc::default(),
-            pool: Pool::new(
-                &config.backends,
-                config.balance,
-                FailPolicy {
-                    max_fails: config.max_fails,
-                    fail_timeout: config.fail_timeout,
-                },
-                seed(),
-            ),
+            scratch: vec![0; (config.memory_buffer as usize).clamp(64 * 1024, MAX_SCRATCH)],
             timers: Timers::default(),
-            health: config
-                .health_check
-                .map(|every| HealthChecks::new(every, config.backends.len(), FIRST_PROBE)),
-            disk,
+            health,
             disk_waiters: Vec::new(),
             disk_releases_seen: 0,
             disk_retry_at: None,
             draining: None,
-            config,
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
-    }
-
-    pub fn stopper(&self) -> Stopper {
-        Stopper {
-            flag: self.stop.clone(),
-            waker: self.waker.clone(),
+            shared,
         }
     }
 
-    /// Handle SIGTERM/SIGINT (graceful shutdown; a second one exits at once)
-    /// and SIGHUP (reopen the log file): what the binary wants; an
-    /// embedding program may prefer its own handling.
-    pub fn handle_signals(&mut self) -> io::Result<()> {
-        let mut signals = Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
-        self.poll
-            .registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        self.signals = Some(signals);
-        Ok(())
+    pub fn index(&self) -> usize {
+        self.index
     }
 
-    /// Serve until stopped.
+    /// Serve until stopped, or until this worker's part of a graceful
+    /// shutdown is done.
     pub fn run(mut self) -> io::Result<()> {
-        let backends: Vec<String> = self.config.backends.iter().map(|b| b.to_string()).collect();
-        log::info!(
-            "listening on {} backends={} balance={} memory_buffer={} max_spill={} max_disk={} max_connections={} temp_dir={}",
-            self.local_addr,
-            backends.join(","),
-            self.config.balance,
-            show_size(self.config.memory_buffer),
-            show_size(self.config.max_spill),
-            self.config.max_disk.map_or("unlimited".into(), show_size),
-            self.config.max_connections,
-            self.config.temp_dir.display()
-        );
         if self.health.is_some() {
             self.timers.arm(Instant::now(), Timer::HealthRound);
         }
-        let sweep = idle_sweep_every(self.config.idle_timeout);
+        let sweep = idle_sweep_every(self.shared.config.idle_timeout);
         self.timers.arm(Instant::now() + sweep, Timer::IdleSweep);
         let mut events = Events::with_capacity(1024);
         // Connections whose last turn ran out of budget with work left, and
@@ -274,13 +186,8 @@ impl Proxy {
             touched.append(&mut busy);
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accepting.pending = true,
-                    SIGNALS => {
-                        if self.on_signals() {
-                            return Ok(());
-                        }
-                    }
-                    WAKER => {}
+                    Self::LISTENER => self.accepting.pending = true,
+                    Self::WAKER => {}
                     token if token.0 < self.conn_base => self.on_probe_event(token),
                     Token(t) => {
                         let slot = (t - self.conn_base) / 2;
@@ -296,10 +203,10 @@ impl Proxy {
                     }
                 }
             }
-            if self.stop.load(Ordering::SeqCst) {
-                log::info!("stopping; {} connection(s) were still open", self.live);
+            if self.shared.stopping() {
                 return Ok(());
             }
+            self.hear_the_others();
             self.fire_timers(&mut touched);
             self.wake_disk_waiters(&mut touched);
             touched.sort_unstable();
@@ -326,6 +233,24 @@ impl Proxy {
             if self.can_accept() {
                 self.accept_some(&mut busy);
             }
+        }
+    }
+
+    /// What other threads may have changed since the last turn: a graceful
+    /// shutdown begun, room again under `--max-connections`. Two atomic
+    /// loads when nothing did.
+    fn hear_the_others(&mut self) {
+        if self.draining.is_none() {
+            if let Some(deadline) = self.shared.shutdown_deadline() {
+                self.begin_drain(deadline);
+            }
+        }
+        if self.accepting.at_limit
+            && self.shared.open_connections() < self.shared.config.max_connections
+        {
+            self.accepting.at_limit = false;
+            self.accepting.pending = true;
+            self.shared.below_limit();
         }
     }
 
@@ -364,17 +289,13 @@ impl Proxy {
         self.slots[slot] = None;
         self.free_slots.push(slot);
         self.live -= 1;
+        self.shared.release_connection();
         self.give_back_memory();
         if let Some(d) = &mut self.draining {
             d.drained += 1;
         }
-        if self.accepting.at_limit && self.live < self.config.max_connections {
-            self.accepting.at_limit = false;
-            self.accepting.pending = true;
-            log::info!(
-                "below --max-connections {} again: accepting",
-                self.config.max_connections
-            );
+        if self.accepting.at_limit {
+            self.hear_the_others();
         }
         if self.accepting.paused_until.take().is_some() {
             // An fd was just freed: the next accept may well succeed.
@@ -406,7 +327,7 @@ impl Proxy {
         if self.disk_waiters.is_empty() {
             return;
         }
-        let releases = self.disk.releases();
+        let releases = self.shared.plan.disk.releases();
         let due = self.disk_retry_at.is_some_and(|t| Instant::now() >= t);
         if releases != self.disk_releases_seen || due {
             self.disk_releases_seen = releases;
@@ -445,9 +366,9 @@ impl Proxy {
                 Timer::IdleSweep => self.close_idle(now),
                 Timer::HealthRound => {
                     if let Some(health) = &mut self.health {
-                        let timeout = self.config.connect_timeout;
+                        let timeout = self.shared.config.connect_timeout;
                         health.round(
-                            &mut self.pool,
+                            &self.shared.pool,
                             self.poll.registry(),
                             &mut self.timers,
                             timeout,
@@ -456,7 +377,7 @@ impl Proxy {
                 }
                 Timer::HealthTimeout { backend, probe } => {
                     if let Some(health) = &mut self.health {
-                        health.on_timeout(backend, probe, &mut self.pool, self.poll.registry());
+                        health.on_timeout(backend, probe, &self.shared.pool, self.poll.registry());
                     }
                 }
             }
@@ -468,7 +389,7 @@ impl Proxy {
     /// keeps the timer heap from growing with connection churn; a
     /// connection is closed between 1 and 1.125 idle timeouts.
     fn close_idle(&mut self, now: Instant) {
-        let limit = self.config.idle_timeout;
+        let limit = self.shared.config.idle_timeout;
         for slot in 0..self.slots.len() {
             let Some(conn) = self.slots[slot].as_mut() else {
                 continue;
@@ -491,59 +412,20 @@ impl Proxy {
     fn on_probe_event(&mut self, token: Token) {
         if let Some(health) = &mut self.health {
             if let Some(idx) = health.backend_of(token) {
-                health.on_event(idx, &mut self.pool, self.poll.registry());
+                health.on_event(idx, &self.shared.pool, self.poll.registry());
             }
         }
     }
 
-    /// Act on pending signals. Returns true if the process must exit now.
-    fn on_signals(&mut self) -> bool {
-        let Some(signals) = &mut self.signals else {
-            return false;
-        };
-        let pending: Vec<i32> = signals.pending().collect();
-        for signal in pending {
-            match signal {
-                libc::SIGHUP => match logging::reopen() {
-                    Ok(true) => log::info!("received SIGHUP: log file reopened"),
-                    Ok(false) => {
-                        log::info!("received SIGHUP: logging to stderr, nothing to reopen")
-                    }
-                    Err(e) => log::error!("received SIGHUP: cannot reopen the log file: {e}"),
-                },
-                _ => {
-                    let name = if signal == libc::SIGINT {
-                        "SIGINT"
-                    } else {
-                        "SIGTERM"
-                    };
-                    if self.draining.is_some() {
-                        log::warn!(
-                            "received {name} again: exiting now, cutting {} connection(s)",
-                            self.live
-                        );
-                        return true;
-                    }
-                    self.begin_shutdown(name);
-                }
-            }
-        }
-        false
-    }
-
-    /// Stop accepting (the listener is closed, so new clients are refused
-    /// at once), and give in-flight connections `--shutdown-timeout`.
-    fn begin_shutdown(&mut self, signal: &str) {
-        let timeout = self.config.shutdown_timeout;
-        log::info!(
-            "received {signal}: no longer accepting; {} connection(s) may finish within {timeout:?} (send it again to exit now)",
-            self.live
-        );
+    /// Stop accepting (the listener is closed, so new clients hashed to it
+    /// are refused at once), and give in-flight connections until
+    /// `deadline`.
+    fn begin_drain(&mut self, deadline: Instant) {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         self.draining = Some(Draining {
-            deadline: Instant::now() + timeout,
+            deadline,
             next_check: Instant::now(),
             quiet_closed: 0,
             drained: 0,
@@ -552,7 +434,7 @@ impl Proxy {
 
     /// One step of a graceful shutdown: close connections that have gone
     /// quiet, and everything once the deadline has passed. Returns true
-    /// when the process may exit.
+    /// when this worker may return.
     fn drain_step(&mut self) -> bool {
         let now = Instant::now();
         let Some(d) = &self.draining else {
@@ -595,13 +477,8 @@ impl Proxy {
         }
         if self.live == 0 || out_of_time {
             let d = self.draining.as_ref().expect("draining");
-            log::info!(
-                "shutdown complete: {} connection(s) finished, {} closed while quiet, {} cut at the timeout with {} undelivered",
-                d.drained,
-                d.quiet_closed,
-                cut,
-                show_size(undelivered)
-            );
+            self.shared
+                .drain_finished(d.drained, d.quiet_closed, cut, undelivered);
             return true;
         }
         if let Some(d) = &mut self.draining {
@@ -615,18 +492,20 @@ impl Proxy {
     /// edge-triggered: we must come back ourselves).
     fn accept_some(&mut self, busy: &mut Vec<usize>) {
         for _ in 0..ACCEPTS_PER_TURN {
-            if self.live >= self.config.max_connections {
-                self.accepting.at_limit = true;
-                log::warn!(
-                    "--max-connections {} reached: new clients wait in the listen backlog",
-                    self.config.max_connections
-                );
-                return;
-            }
             let Some(listener) = &self.listener else {
                 return;
             };
-            match listener.accept() {
+            // The place is taken before the accept, so that workers
+            // accepting at once cannot go over the limit together.
+            if !self.shared.reserve_connection() {
+                self.accepting.at_limit = true;
+                return;
+            }
+            let accepted = listener.accept();
+            if accepted.is_err() {
+                self.shared.release_connection();
+            }
+            match accepted {
                 // Bytes the client sent before registration are not lost:
                 // epoll reports a socket's current readiness when it is added.
                 Ok((client, client_addr)) => {
@@ -634,6 +513,8 @@ impl Proxy {
                         // Opening may already have failed over or given up
                         // (no backend could even be dialled): let it run.
                         busy.push(slot);
+                    } else {
+                        self.shared.release_connection();
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -641,7 +522,7 @@ impl Proxy {
                     // there was one, is over. (Resetting on each success
                     // would log again after every close while fds stay
                     // short, one accept at a time.)
-                    self.accepting.error_logged = false;
+                    self.shared.accept_burst_ends(self.index);
                     self.accepting.pending = false;
                     return;
                 }
@@ -652,8 +533,7 @@ impl Proxy {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM: the client stays in
                     // the backlog. Try again when a connection closes, or
                     // after a pause; say so once per burst.
-                    if !self.accepting.error_logged {
-                        self.accepting.error_logged = true;
+                    if self.shared.accept_burst_begins(self.index) {
                         log::error!(
                             "accept on {} failed: {e}; pausing accepts until a connection closes (at most {:?})",
                             self.local_addr,
@@ -670,8 +550,7 @@ impl Proxy {
     /// Set up a connection for a freshly accepted client. If that fails the
     /// client is closed and the reason logged.
     fn open(&mut self, client: mio::net::TcpStream, client_addr: SocketAddr) -> Option<usize> {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.shared.next_id();
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
@@ -685,7 +564,7 @@ impl Proxy {
             slot,
             client,
             client_addr,
-            &self.plan,
+            &self.shared.plan,
             tokens,
             &mut ctx!(self),
         ) {
@@ -724,14 +603,6 @@ fn connection(slots: &mut [Option<Connection>], slot: usize, id: u64) -> Option<
 fn max_attempts(config: &Config) -> usize {
     let others = config.backends.len() - 1;
     1 + config.connect_retries.map_or(others, |n| n.min(others))
-}
-
-/// A seed for random2 that differs between runs.
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
 }
 
 /// Errors after which the next accept may well succeed at once.

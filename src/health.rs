@@ -47,7 +47,7 @@ impl HealthChecks {
     /// Probe every backend that needs it and arm the next round.
     pub fn round(
         &mut self,
-        pool: &mut Pool,
+        pool: &Pool,
         registry: &Registry,
         timers: &mut Timers,
         timeout: Duration,
@@ -57,12 +57,11 @@ impl HealthChecks {
             if self.probes[idx].is_some() {
                 continue; // the last one has not answered yet
             }
-            let trial = pool.due_for_trial(idx, now);
+            // A down backend is probed only as its one trial (a client's
+            // connection in another worker may have claimed it).
+            let trial = pool.due_for_trial(idx, now) && pool.start_trial(idx);
             if !(pool.is_up(idx) || trial) {
                 continue;
-            }
-            if trial {
-                pool.start_trial(idx);
             }
             let addr = pool.addr(idx);
             let started = TcpStream::connect(addr).and_then(|mut stream| {
@@ -102,7 +101,7 @@ impl HealthChecks {
     }
 
     /// The probe socket of `idx` became writable or failed: judge it.
-    pub fn on_event(&mut self, idx: usize, pool: &mut Pool, registry: &Registry) {
+    pub fn on_event(&mut self, idx: usize, pool: &Pool, registry: &Registry) {
         let Some(probe) = &self.probes[idx] else {
             return;
         };
@@ -126,7 +125,7 @@ impl HealthChecks {
     }
 
     /// Probe `probe` of `idx` ran out of time.
-    pub fn on_timeout(&mut self, idx: usize, probe: u64, pool: &mut Pool, registry: &Registry) {
+    pub fn on_timeout(&mut self, idx: usize, probe: u64, pool: &Pool, registry: &Registry) {
         if self.probes[idx].as_ref().is_some_and(|p| p.id == probe) {
             self.finish(idx, registry);
             let cause = "health check timed out";

@@ -13,13 +13,14 @@ pub mod disk;
 pub mod event_loop;
 pub mod health;
 pub mod logging;
+pub mod proxy;
 pub mod relay;
 pub mod spill;
 pub mod stats;
 pub mod timers;
 
 pub use config::{Config, ConfigError};
-pub use event_loop::{Proxy, Stopper};
+pub use proxy::{Proxy, Stopper};
 
 /// Bind, handle SIGINT/SIGTERM (graceful shutdown) and SIGHUP (reopen the
 /// log file), and serve until shut down.

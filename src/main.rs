@@ -101,6 +101,12 @@ struct Cli {
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
     shutdown_timeout: Duration,
 
+    /// Event-loop threads, each accepting on its own socket bound to
+    /// --listen (SO_REUSEPORT); limits and balancing stay process-wide
+    /// [default: the number of cores]
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -188,6 +194,7 @@ fn serve(cli: Cli) -> ExitCode {
         max_disk: cli.max_disk,
         idle_timeout: cli.idle_timeout,
         shutdown_timeout: cli.shutdown_timeout,
+        workers: cli.workers.unwrap_or_else(config::default_workers),
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {

@@ -431,6 +431,28 @@ fn with_every_backend_down_clients_are_closed_and_service_resumes() {
     assert!(back.accepted() >= 1);
 }
 
+/// With four workers, each accepting on its own socket, the rotation is
+/// still one process-wide sequence: 12 connections in a row land
+/// A,B,C,A,B,C,... and so 4/4/4, whichever worker takes each.
+#[test]
+fn round_robin_is_exact_across_workers() {
+    let names = ["A", "B", "C"];
+    let backends: Vec<Named> = names.iter().map(|n| Named::start(n)).collect();
+    let mut args = vec!["--workers".to_string(), "4".to_string()];
+    for b in &backends {
+        args.extend(["--backend".to_string(), b.addr.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = Proxy::start(&args);
+    let seq: Vec<String> = (0..12).map(|_| ask(proxy.addr)).collect();
+    let first = names.iter().position(|n| *n == seq[0]).expect("a name");
+    let expected: Vec<&str> = (0..12).map(|k| names[(first + k) % 3]).collect();
+    assert_eq!(seq, expected, "the rotation broke across workers");
+    for b in &backends {
+        assert_eq!(b.accepted(), 4);
+    }
+}
+
 /// Health checks take a dead backend out and bring it back with no client
 /// involved.
 #[test]

@@ -144,7 +144,11 @@ fn bad_balancing_flags_are_refused() {
     }
     assert_each_refused(
         "--max-fails",
-        &[&["--max-fails", "0"], &["--max-fails", "many"]],
+        &[
+            &["--max-fails", "0"],
+            &["--max-fails", "10001"],
+            &["--max-fails", "many"],
+        ],
     );
     assert_each_refused("--connect-retries", &[&["--connect-retries", "-1"]]);
 }
@@ -164,6 +168,14 @@ fn bad_limit_flags_are_refused() {
         &[&["--idle-timeout", "0s"], &["--idle-timeout", "10"]],
     );
     assert_each_refused("--shutdown-timeout", &[&["--shutdown-timeout", "5"]]);
+    assert_each_refused(
+        "--workers",
+        &[
+            &["--workers", "0"],
+            &["--workers", "257"],
+            &["--workers", "two"],
+        ],
+    );
 }
 
 #[test]
@@ -278,6 +290,7 @@ fn help_lists_every_flag() {
         "--max-disk",
         "--idle-timeout",
         "--shutdown-timeout",
+        "--workers",
         "--temp-dir",
         "--log-level",
         "--log-file",
