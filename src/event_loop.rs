@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpListener;
 use mio::{Events, Poll, Token};
 
+use crate::buffer_pool;
 use crate::config::Config;
 use crate::connection::{Connection, Ctx, Side, Status};
 use crate::health::HealthChecks;
@@ -45,6 +46,10 @@ const DISK_RETRY: Duration = Duration::from_millis(250);
 /// gone quiet, and how long one must have been quiet to be closed.
 const SHUTDOWN_TICK: Duration = Duration::from_millis(100);
 const QUIET_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// Open connections that must have been reached before their closing
+/// hands memory back to the OS.
+const MIN_PEAK_TO_TRIM: usize = 64;
 
 /// Largest read into the spill path's scratch buffer.
 const MAX_SCRATCH: usize = 1 << 20;
@@ -306,13 +311,17 @@ impl Worker {
     /// Connection buffers (`--memory-buffer`, 64KiB by default) come from
     /// the malloc heap, which keeps freed memory. When the number of open
     /// connections has halved since its peak (or dropped to none), hand
-    /// what is free back to the OS, so RSS follows the load down. Rare
-    /// enough that the heap walk costs nothing that matters.
+    /// what is free back to the OS, so RSS follows the load down. Not for
+    /// a handful of connections (one at a time would trim at every close,
+    /// and the buffer pool covers them): rare enough that the heap walk
+    /// costs nothing that matters.
     fn give_back_memory(&mut self) {
         self.peak_live = self.peak_live.max(self.live + 1);
-        let dropped = self.live == 0 || (self.peak_live >= 64 && self.live * 2 <= self.peak_live);
+        let dropped = self.peak_live >= MIN_PEAK_TO_TRIM
+            && (self.live == 0 || self.live * 2 <= self.peak_live);
         if dropped && self.peak_live > self.live {
             self.peak_live = self.live;
+            buffer_pool::clear();
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only walks the allocator's own free lists.
             unsafe {

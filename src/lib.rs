@@ -6,6 +6,7 @@
 //! `spillway demo` drive the proxy in-process through [`Proxy`].
 
 pub mod balancer;
+pub mod buffer_pool;
 pub mod config;
 pub mod connection;
 pub mod demo;

@@ -33,6 +33,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::buffer_pool;
 use crate::disk::DiskBudget;
 
 /// Drained bytes at the head of a file that never empties are released
@@ -261,6 +262,10 @@ impl SpillBuffer {
                     self.mem_len -= n;
                     if self.mem_len == 0 {
                         self.mem_head = 0;
+                        if self.file_backlog() == 0 {
+                            // Empty: an idle connection holds no buffer.
+                            buffer_pool::give(std::mem::take(&mut self.mem));
+                        }
                     }
                     self.check_invariants();
                     Drain::Gave(n)
@@ -278,7 +283,7 @@ impl SpillBuffer {
         let dropped = self.len();
         self.mem_head = 0;
         self.mem_len = 0;
-        self.mem = Vec::new();
+        buffer_pool::give(std::mem::take(&mut self.mem));
         self.close_file();
         dropped
     }
@@ -323,7 +328,7 @@ impl SpillBuffer {
     /// receiver takes part of what is held, the common case.
     fn make_tail_room(&mut self) {
         if self.mem.is_empty() {
-            self.mem = vec![0; self.mem_limit];
+            self.mem = buffer_pool::take(self.mem_limit);
             return;
         }
         let tail = self.mem_limit - (self.mem_head + self.mem_len);
@@ -388,7 +393,7 @@ impl SpillBuffer {
     fn refill_from_file(&mut self) -> io::Result<()> {
         debug_assert_eq!(self.mem_len, 0);
         if self.mem.is_empty() {
-            self.mem = vec![0; self.mem_limit];
+            self.mem = buffer_pool::take(self.mem_limit);
         }
         let n = self.file_backlog().min(self.mem_limit as u64) as usize;
         let file = self.file.as_ref().expect("a backlog implies a file");
@@ -466,6 +471,7 @@ impl SpillBuffer {
 
 impl Drop for SpillBuffer {
     fn drop(&mut self) {
+        buffer_pool::give(std::mem::take(&mut self.mem));
         self.close_file();
     }
 }

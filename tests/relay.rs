@@ -850,12 +850,14 @@ fn workers_share_the_port_and_relay_exactly() {
     });
     let proxy = Proxy::start(&["--backend", &backend_addr.to_string(), "--workers", "3"]);
 
-    let workers = std::fs::read_dir(format!("/proc/{}/task", proxy.pid))
-        .expect("/proc tasks")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("spillway-w"))
-        .count();
-    assert_eq!(workers, 3, "worker threads");
+    let workers = || {
+        std::fs::read_dir(format!("/proc/{}/task", proxy.pid))
+            .expect("/proc tasks")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("spillway-w"))
+            .count()
+    };
+    wait_until("three worker threads", SECS_10, || workers() == 3);
     let port = format!(":{:04X}", proxy.addr.port());
     let listening = std::fs::read_to_string("/proc/net/tcp")
         .expect("/proc/net/tcp")
