@@ -566,14 +566,14 @@ impl Connection {
         if client_done && !self.lingering(&self.up, &self.down, ctx) {
             if let Some(client) = self.client.take() {
                 let reset = self.down.flow == Flow::Aborted && !self.gentle;
-                close(ctx.registry, client, reset);
+                close(client, reset);
             }
         }
         let backend_done = self.down.src_done() && self.up.dst_done();
         if backend_done && !self.lingering(&self.down, &self.up, ctx) {
             if let Some(backend) = self.backend.take() {
                 let reset = self.up.flow == Flow::Aborted && !self.gentle;
-                close(ctx.registry, backend, reset);
+                close(backend, reset);
                 self.backend_held = self.backend_connected_at.map(|t| t.elapsed());
                 if let Some(idx) = self.backend_idx.take() {
                     if !self.connected {
@@ -701,15 +701,17 @@ impl Connection {
     }
 }
 
-fn close(registry: &Registry, mut stream: TcpStream, reset: bool) {
+/// Close `stream` (by dropping it). No `EPOLL_CTL_DEL` first: closing the
+/// last descriptor of a socket takes it out of every epoll set, and these
+/// sockets are never duplicated; that is two syscalls fewer per
+/// connection.
+fn close(stream: TcpStream, reset: bool) {
     if reset {
         // Best effort: the socket may already be dead, and then the peer
         // knows anyway.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     }
-    if let Err(e) = registry.deregister(&mut stream) {
-        log::debug!("deregister on close: {e}");
-    }
+    drop(stream);
 }
 
 /// How long a socket that is done may stay open to drain a sender we no
