@@ -102,6 +102,8 @@ pub struct Connection {
     connected: bool,
     /// An event came for the backend socket while connecting: look at it.
     connect_ready: bool,
+    /// One of those events said writable (see `finish_connect`).
+    connect_writable: bool,
     /// Connect attempts made, counting from 1; timers name their attempt.
     attempt: u32,
     /// Backends tried, and why each failed, for failover and the final error.
@@ -200,6 +202,7 @@ impl Connection {
             backend_addr: None,
             connected: false,
             connect_ready: false,
+            connect_writable: false,
             attempt: 0,
             tried: Vec::new(),
             failures: Vec::new(),
@@ -237,7 +240,10 @@ impl Connection {
                 self.up.src_ready |= readable;
                 self.down.dst_ready |= writable;
             }
-            Side::Backend if !self.connected => self.connect_ready |= readable || writable,
+            Side::Backend if !self.connected => {
+                self.connect_ready |= readable || writable;
+                self.connect_writable |= event.is_writable();
+            }
             Side::Backend => {
                 self.down.src_ready |= readable;
                 self.up.dst_ready |= writable;
@@ -271,6 +277,10 @@ impl Connection {
             self.backend_idx = Some(idx);
             self.backend_addr = Some(addr);
             self.attempt += 1;
+            // Events noted for an earlier attempt's socket (same token) say
+            // nothing about this one.
+            self.connect_ready = false;
+            self.connect_writable = false;
             let started = TcpStream::connect(addr).and_then(|mut stream| {
                 let both = Interest::READABLE | Interest::WRITABLE;
                 ctx.registry
@@ -324,15 +334,19 @@ impl Connection {
     }
 
     /// A non-blocking connect is done when the socket turns writable; then
-    /// `take_error` tells whether it failed, and `peer_addr` whether it
-    /// really connected (a spurious wake-up leaves it `NotConnected`).
+    /// `take_error` tells whether it failed. Linux reports a connecting
+    /// socket writable only once the handshake is over, so after a writable
+    /// event no error means connected (what nginx and HAProxy rely on too);
+    /// after any other wake-up `peer_addr` decides (`NotConnected`: not yet).
     fn finish_connect(&mut self, ctx: &mut Ctx) {
         self.connect_ready = false;
+        let writable = std::mem::take(&mut self.connect_writable);
         let (Some(backend), Some(idx)) = (&self.backend, self.backend_idx) else {
             return;
         };
         let outcome = match backend.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) if writable => Ok(()),
             Ok(None) => match backend.peer_addr() {
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
