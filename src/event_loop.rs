@@ -170,6 +170,7 @@ impl Proxy {
                 max_spill: config.max_spill,
                 temp_dir: Arc::<Path>::from(config.temp_dir.as_path()),
                 disk: disk.clone(),
+                spill_after: config.spill_after,
             },
             scratch: vec![0; (config.memory_buffer as usize).clamp(64 * 1024, MAX_SCRATCH)],
             poll,
@@ -437,7 +438,7 @@ impl Proxy {
                         touched.push(slot);
                     }
                 }
-                Timer::LingerEnd { slot, conn } => {
+                Timer::LingerEnd { slot, conn } | Timer::SpillDue { slot, conn } => {
                     if connection(&mut self.slots, slot, conn).is_some() {
                         touched.push(slot);
                     }

@@ -409,6 +409,10 @@ impl SpillBuffer {
             // largest backlog, and drop all its blocks (reserved ones too).
             file.set_len(0)?;
             self.budget.release(self.disk_charge());
+            // Nothing waits for disk any more: whatever kept it from being
+            // had is over for this backlog, and the next spill will say
+            // anew. (A receiver that keeps up may never need it again.)
+            self.blocked = None;
             self.file_head = 0;
             self.file_tail = 0;
             self.punched = 0;
