@@ -34,17 +34,32 @@ pub enum Flow {
 /// no more will come.
 pub trait Receiver: Write {
     fn close_write(&mut self) -> io::Result<()>;
+
+    /// The payload of one full packet to this receiver (TCP's MSS), if it
+    /// has such a thing.
+    fn segment_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Receiver for &mio::net::TcpStream {
     fn close_write(&mut self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
     }
+
+    fn segment_size(&self) -> Option<usize> {
+        let mss = socket2::SockRef::from(*self).tcp_mss().ok()?;
+        (mss > 0).then_some(mss as usize)
+    }
 }
 
 impl<T: Receiver + ?Sized> Receiver for &mut T {
     fn close_write(&mut self) -> io::Result<()> {
         (**self).close_write()
+    }
+
+    fn segment_size(&self) -> Option<usize> {
+        (**self).segment_size()
     }
 }
 
@@ -92,7 +107,17 @@ pub struct Direction {
     spill_after: Duration,
     /// Reading stopped with memory full rather than spilling at once.
     pause: Option<Pause>,
+    /// The receiver's segment size, and how many more writes before it
+    /// is asked again. It changes: early in a connection the kernel keeps
+    /// segments to half the peer's largest window (32KiB on loopback, 64KiB
+    /// later), and a path's MTU can change. A stale one costs a packet now
+    /// and then, never a byte.
+    segment: Option<usize>,
+    segment_ttl: u32,
 }
+
+/// Writes between two looks at the receiver's segment size.
+const SEGMENT_TTL: u32 = 64;
 
 /// Memory is full and the receiver is not taking: rather than spill, stop
 /// reading for up to `--spill-after` and see whether it catches up.
@@ -126,6 +151,8 @@ impl Direction {
             sender_gone: false,
             spill_after: Duration::ZERO,
             pause: None,
+            segment: None,
+            segment_ttl: 0,
         }
     }
 
@@ -220,7 +247,19 @@ pub fn pump<R: Read, W: Receiver>(
         }
         let mut progressed = false;
         if let Some(dst) = dst.as_mut().filter(|_| dir.dst_ready) {
-            match dir.buf.drain_into(dst) {
+            // While the sender has more coming this very turn, write whole
+            // segments and let the remainder go with the next read's
+            // bytes; once it has not (or has ended), write everything.
+            let more_coming = dir.flow == Flow::Open && dir.src_ready;
+            if dir.segment_ttl == 0 {
+                dir.segment = dst.segment_size();
+                dir.segment_ttl = SEGMENT_TTL;
+            }
+            dir.segment_ttl -= 1;
+            match dir
+                .buf
+                .drain_whole_into(dst, dir.segment.filter(|_| more_coming))
+            {
                 Drain::Gave(n) => {
                     dir.bytes_out += n as u64;
                     progressed = true;
@@ -508,6 +547,85 @@ mod tests {
             dir.dst_ready = true;
         }
         assert_eq!(dir.bytes_out, 100 * 499);
+    }
+
+    /// A receiver with segments of 100 bytes, recording each write's size.
+    struct Segmented {
+        got: Vec<u8>,
+        writes: Vec<usize>,
+    }
+    impl Write for Segmented {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes.push(buf.len());
+            self.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Receiver for Segmented {
+        fn close_write(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn segment_size(&self) -> Option<usize> {
+            Some(100)
+        }
+    }
+
+    /// A sender that gives `chunk` bytes per read of a numbered stream of
+    /// `left` bytes, then has nothing for now (no EOF).
+    struct Chunks {
+        next: u8,
+        left: usize,
+        chunk: usize,
+    }
+    impl Read for Chunks {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.chunk).min(self.left);
+            for b in &mut buf[..n] {
+                *b = self.next;
+                self.next = self.next.wrapping_add(1);
+            }
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    /// While the sender has more, only whole segments are written and the
+    /// sliver waits for the next read's bytes; when the sender runs dry,
+    /// the sliver goes at once: nothing is held back for want of more.
+    #[test]
+    fn whole_segments_while_more_is_coming_then_the_rest_at_once() {
+        let (_tmp, mut dir) = direction(1000, 1 << 20);
+        let mut src = Chunks {
+            next: 0,
+            left: 2050,
+            chunk: 130,
+        };
+        let mut rx = Segmented {
+            got: Vec::new(),
+            writes: Vec::new(),
+        };
+        dir.src_ready = true;
+        dir.dst_ready = true;
+        pump_all(&mut dir, &mut src, &mut rx);
+        assert_eq!(
+            dir.bytes_out, 2050,
+            "nothing held back once the sender ran dry"
+        );
+        let expected: Vec<u8> = (0..2050u32).map(|i| i as u8).collect();
+        assert_eq!(rx.got, expected);
+        let (last, whole) = rx.writes.split_last().unwrap();
+        assert!(
+            whole.iter().all(|&n| n % 100 == 0),
+            "writes while more was coming: {:?}",
+            rx.writes
+        );
+        assert!(*last % 100 != 0, "the sliver went last: {:?}", rx.writes);
     }
 
     /// `--spill-after 0` is the old ladder: memory full, straight to disk.
