@@ -27,6 +27,15 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A receiver that keeps up takes a full `--memory-buffer` in microseconds;
+/// a few milliseconds ride out a scheduling hiccup on a busy machine, and
+/// cost a slow client's backend no more than that before it is spilled for.
+pub const DEFAULT_SPILL_AFTER: Duration = Duration::from_millis(5);
+
+/// Longer, and a slow client would hold its backend for as long as it
+/// dawdles over each `--memory-buffer`: what spilling is there to prevent.
+pub const MAX_SPILL_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -48,6 +57,9 @@ pub struct Config {
     /// Bytes waiting on disk per direction per connection before reading
     /// from the sender stops.
     pub max_spill: u64,
+    /// How long memory may stay full with the receiver not catching up
+    /// before bytes go to disk; meanwhile the sender is not read.
+    pub spill_after: Duration,
     pub temp_dir: PathBuf,
     /// Client connections held at once; beyond, accepting pauses.
     pub max_connections: usize,
@@ -79,6 +91,7 @@ impl Default for Config {
             health_check: None,
             memory_buffer: DEFAULT_MEMORY_BUFFER,
             max_spill: DEFAULT_MAX_SPILL,
+            spill_after: DEFAULT_SPILL_AFTER,
             temp_dir: std::env::temp_dir(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_disk: None,
@@ -157,6 +170,15 @@ impl Config {
                 problem: format!(
                     "{} is out of range: expected a size from 1KiB to 1GiB, e.g. 64KiB",
                     self.memory_buffer
+                ),
+            });
+        }
+        if self.spill_after > MAX_SPILL_AFTER {
+            return Err(ConfigError {
+                flag: "--spill-after",
+                problem: format!(
+                    "{:?} is too long: expected at most 1s, e.g. 5ms (0ms spills at once)",
+                    self.spill_after
                 ),
             });
         }
@@ -276,6 +298,10 @@ mod tests {
         c.memory_buffer = 10;
         assert_eq!(c.validate().unwrap_err().flag, "--memory-buffer");
         c.memory_buffer = DEFAULT_MEMORY_BUFFER;
+        c.spill_after = Duration::from_secs(2);
+        assert_eq!(c.validate().unwrap_err().flag, "--spill-after");
+        c.spill_after = Duration::ZERO;
+        c.validate().unwrap();
         c.temp_dir = "/nonexistent/spillway".into();
         assert_eq!(c.validate().unwrap_err().flag, "--temp-dir");
     }

@@ -120,6 +120,10 @@ pub struct Connection {
     spill_warned: (bool, bool),
     /// Until when a finished socket may stay open to drain its sender.
     linger_until: std::cell::Cell<Option<Instant>>,
+    /// The earliest spill timer armed and not yet due: one at a time, so
+    /// a connection that pauses thousands of times a second (a fast
+    /// receiver, briefly blocked each time) does not fill the timer heap.
+    spill_timer: Option<Instant>,
     /// The client moved bytes after the backend last did: it is waiting
     /// for an answer, so a graceful shutdown must not take it for idle.
     client_spoke_last: bool,
@@ -143,6 +147,9 @@ pub struct BufferPlan {
     pub max_spill: u64,
     pub temp_dir: Arc<std::path::Path>,
     pub disk: Arc<DiskBudget>,
+    /// `--spill-after`: how long a blocked receiver may take to catch up
+    /// before its backlog goes to disk.
+    pub spill_after: Duration,
 }
 
 impl BufferPlan {
@@ -206,8 +213,9 @@ impl Connection {
             attempt: 0,
             tried: Vec::new(),
             failures: Vec::new(),
-            up: Direction::new("client->backend", plan.buffer()),
-            down: Direction::new("backend->client", plan.buffer()),
+            up: Direction::new("client->backend", plan.buffer()).with_spill_after(plan.spill_after),
+            down: Direction::new("backend->client", plan.buffer())
+                .with_spill_after(plan.spill_after),
             opened: Instant::now(),
             backend_connected_at: None,
             backend_held: None,
@@ -218,6 +226,7 @@ impl Connection {
             last_active: Instant::now(),
             gentle: false,
             linger_until: std::cell::Cell::new(None),
+            spill_timer: None,
             client_spoke_last: false,
         };
         conn.connect_next(ctx);
@@ -433,7 +442,30 @@ impl Connection {
         }
         self.warn_on_first_spill();
         self.warn_on_disk_trouble();
+        self.arm_spill_timer(ctx);
         self.finish_turn(ctx, busy)
+    }
+
+    /// A direction that stopped reading to give its receiver time to catch
+    /// up must come back when that time is up, even if no socket event
+    /// comes (a receiver that reads nothing at all sends none).
+    fn arm_spill_timer(&mut self, ctx: &mut Ctx) {
+        let now = Instant::now();
+        if self.spill_timer.is_some_and(|t| t <= now) {
+            self.spill_timer = None;
+        }
+        let due = [self.up.spill_due(now), self.down.spill_due(now)]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(due) = due.filter(|&d| self.spill_timer.is_none_or(|t| d < t)) {
+            self.spill_timer = Some(due);
+            let timer = Timer::SpillDue {
+                slot: self.slot,
+                conn: self.id.0,
+            };
+            ctx.timers.arm(due, timer);
+        }
     }
 
     /// Close what is finished; report what the event loop should do next.

@@ -367,7 +367,7 @@ impl Worker {
                         touched.push(slot);
                     }
                 }
-                Timer::LingerEnd { slot, conn } => {
+                Timer::LingerEnd { slot, conn } | Timer::SpillDue { slot, conn } => {
                     if connection(&mut self.slots, slot, conn).is_some() {
                         touched.push(slot);
                     }

@@ -82,6 +82,13 @@ struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
     max_spill: u64,
 
+    /// How long memory may stay full, the receiver not catching up, before
+    /// bytes go to disk; meanwhile the sender is not read (backpressure),
+    /// so a receiver that keeps up never costs a disk write. 0ms spills at
+    /// once; at most 1s
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5ms")]
+    spill_after: Duration,
+
     /// Client connections held at once; beyond, new clients wait in the
     /// kernel's listen backlog (nothing is accepted and dropped)
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
@@ -189,6 +196,7 @@ fn serve(cli: Cli) -> ExitCode {
         health_check: cli.health_check,
         memory_buffer: cli.memory_buffer,
         max_spill: cli.max_spill,
+        spill_after: cli.spill_after,
         temp_dir: cli.temp_dir.unwrap_or_else(std::env::temp_dir),
         max_connections: cli.max_connections,
         max_disk: cli.max_disk,

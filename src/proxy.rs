@@ -230,6 +230,7 @@ impl Proxy {
                 max_spill: config.max_spill,
                 temp_dir: Arc::<Path>::from(config.temp_dir.as_path()),
                 disk,
+                spill_after: config.spill_after,
             },
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),

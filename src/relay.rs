@@ -8,6 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::time::{Duration, Instant};
 
 use crate::spill::{Drain, Fill, SpillBuffer};
 
@@ -33,17 +34,32 @@ pub enum Flow {
 /// no more will come.
 pub trait Receiver: Write {
     fn close_write(&mut self) -> io::Result<()>;
+
+    /// The payload of one full packet to this receiver (TCP's MSS), if it
+    /// has such a thing.
+    fn segment_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Receiver for &mio::net::TcpStream {
     fn close_write(&mut self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
     }
+
+    fn segment_size(&self) -> Option<usize> {
+        let mss = socket2::SockRef::from(*self).tcp_mss().ok()?;
+        (mss > 0).then_some(mss as usize)
+    }
 }
 
 impl<T: Receiver + ?Sized> Receiver for &mut T {
     fn close_write(&mut self) -> io::Result<()> {
         (**self).close_write()
+    }
+
+    fn segment_size(&self) -> Option<usize> {
+        (**self).segment_size()
     }
 }
 
@@ -86,6 +102,39 @@ pub struct Direction {
     pub bytes_dropped: u64,
     /// Aborted, and the sender has also stopped sending (EOF or error).
     sender_gone: bool,
+    /// How long the receiver may take to catch up before bytes go to
+    /// disk (`--spill-after`).
+    spill_after: Duration,
+    /// Reading stopped with memory full rather than spilling at once.
+    pause: Option<Pause>,
+    /// The receiver's segment size, and how many more writes before it
+    /// is asked again. It changes: early in a connection the kernel keeps
+    /// segments to half the peer's largest window (32KiB on loopback, 64KiB
+    /// later), and a path's MTU can change. A stale one costs a packet now
+    /// and then, never a byte.
+    segment: Option<usize>,
+    segment_ttl: u32,
+}
+
+/// Writes between two looks at the receiver's segment size.
+const SEGMENT_TTL: u32 = 64;
+
+/// Memory is full and the receiver is not taking: rather than spill, stop
+/// reading for up to `--spill-after` and see whether it catches up.
+///
+/// A receiver that keeps up empties memory within microseconds, so the
+/// test is "has it taken everything that was held when the pause began",
+/// not "has it taken anything": a slow reader that takes a little every
+/// millisecond would otherwise hold the sender for the whole transfer,
+/// which is what spilling is there to prevent. Put another way: a receiver
+/// slower than `--memory-buffer` per `--spill-after` gets its backlog on
+/// disk, a faster one gets backpressure and never costs a disk write.
+#[derive(Clone, Copy, Debug)]
+struct Pause {
+    /// `bytes_in` when it began: the receiver has caught up once
+    /// `bytes_out` gets there.
+    caught_up_at: u64,
+    began: Instant,
 }
 
 impl Direction {
@@ -100,7 +149,54 @@ impl Direction {
             bytes_out: 0,
             bytes_dropped: 0,
             sender_gone: false,
+            spill_after: Duration::ZERO,
+            pause: None,
+            segment: None,
+            segment_ttl: 0,
         }
+    }
+
+    /// Wait up to `spill_after` for a blocked receiver before spilling
+    /// (zero: spill at once).
+    pub fn with_spill_after(mut self, spill_after: Duration) -> Self {
+        self.spill_after = spill_after;
+        self
+    }
+
+    /// Memory is full and the next bytes would go to disk: may they? Only
+    /// if the receiver has been given `spill_after` to take what was held
+    /// when memory filled, and has not. Else a pause begins (or goes on):
+    /// the sender's readiness stays remembered, and the turn that sees the
+    /// receiver catch up, or the timer at `resume_at`, reads on.
+    fn may_spill(&mut self, now: Instant) -> bool {
+        if self.spill_after.is_zero() {
+            return true;
+        }
+        match self.pause {
+            Some(p) if self.bytes_out < p.caught_up_at => now >= p.began + self.spill_after,
+            _ => {
+                // None yet, or the receiver caught up with the last one:
+                // it keeps up, so give it the same chance again.
+                self.pause = Some(Pause {
+                    caught_up_at: self.bytes_in,
+                    began: now,
+                });
+                false
+            }
+        }
+    }
+
+    /// If the direction is pausing now (not reading, memory full, the
+    /// receiver not caught up), when its time is up and it must spill: the
+    /// caller sets a timer, since no socket event may come before then.
+    pub fn spill_due(&self, now: Instant) -> Option<Instant> {
+        let p = self.pause?;
+        let due = p.began + self.spill_after;
+        let pausing = self.flow == Flow::Open
+            && self.src_ready
+            && self.buf.needs_disk()
+            && self.bytes_out < p.caught_up_at;
+        (pausing && due > now).then_some(due)
     }
 
     /// No more will be read from the sender.
@@ -133,8 +229,9 @@ impl Direction {
 ///
 /// The order inside a turn is the spill ladder: first hand over what is
 /// held (that frees memory), then pass on an EOF once everything is
-/// delivered, then take more: into memory while it has room, else onto
-/// disk while under `--max-spill`, else not at all (backpressure).
+/// delivered, then take more: into memory while it has room, else (once
+/// the receiver has had `--spill-after` to catch up) onto disk while under
+/// `--max-spill`, else not at all (backpressure).
 pub fn pump<R: Read, W: Receiver>(
     dir: &mut Direction,
     mut src: Option<R>,
@@ -150,7 +247,19 @@ pub fn pump<R: Read, W: Receiver>(
         }
         let mut progressed = false;
         if let Some(dst) = dst.as_mut().filter(|_| dir.dst_ready) {
-            match dir.buf.drain_into(dst) {
+            // While the sender has more coming this very turn, write whole
+            // segments and let the remainder go with the next read's
+            // bytes; once it has not (or has ended), write everything.
+            let more_coming = dir.flow == Flow::Open && dir.src_ready;
+            if dir.segment_ttl == 0 {
+                dir.segment = dst.segment_size();
+                dir.segment_ttl = SEGMENT_TTL;
+            }
+            dir.segment_ttl -= 1;
+            match dir
+                .buf
+                .drain_whole_into(dst, dir.segment.filter(|_| more_coming))
+            {
                 Drain::Gave(n) => {
                     dir.bytes_out += n as u64;
                     progressed = true;
@@ -175,7 +284,11 @@ pub fn pump<R: Read, W: Receiver>(
         // One read for every write: a receiver that keeps up must not
         // starve the sender, or a backend is held while a fast client
         // drains the backlog, which is what spilling is there to avoid.
-        if dir.flow == Flow::Open && dir.src_ready && dir.buf.has_room() {
+        if dir.flow == Flow::Open
+            && dir.src_ready
+            && dir.buf.has_room()
+            && (!dir.buf.needs_disk() || dir.may_spill(Instant::now()))
+        {
             let src = src.as_mut().expect("an open direction has a sender");
             match dir.buf.fill_from(src, scratch) {
                 Fill::Took(n) => {
@@ -351,6 +464,184 @@ mod tests {
             "read {read} bytes from the sender in a turn that wrote {}",
             dir.bytes_out
         );
+    }
+
+    impl Direction {
+        /// Pretend the current pause began `ago` earlier than it did.
+        fn age_pause(&mut self, ago: Duration) {
+            let p = self.pause.as_mut().expect("pausing");
+            p.began -= ago;
+        }
+    }
+
+    fn pump_all<R: Read, W: Receiver>(dir: &mut Direction, mut src: R, mut dst: W) {
+        let mut scratch = vec![0u8; 64];
+        while let Pumped::MoreWork = pump(dir, Some(&mut src), Some(&mut dst), &mut scratch) {}
+    }
+
+    /// Memory full, the receiver blocked: the sender is not read (no
+    /// spill) until `--spill-after` has passed without the receiver taking
+    /// what was held; a timer is asked for meanwhile, and then it spills.
+    #[test]
+    fn a_blocked_receiver_gets_spill_after_before_anything_spills() {
+        let (_tmp, dir) = direction(100, 1 << 20);
+        let after = Duration::from_secs(60);
+        let mut dir = dir.with_spill_after(after);
+        let data = vec![4u8; 1000];
+        let mut src = &data[..];
+        let mut rx = Window {
+            got: Vec::new(),
+            window: 0,
+            shut: false,
+        };
+        dir.src_ready = true;
+        dir.dst_ready = true;
+        pump_all(&mut dir, &mut src, &mut rx);
+        assert_eq!(dir.buf.len(), 100, "memory only");
+        assert!(!dir.buf.has_spilled());
+        assert!(dir.src_ready, "the sender's readiness is remembered");
+        let now = Instant::now();
+        let due = dir.spill_due(now).expect("a timer is wanted");
+        assert!(due > now && due <= now + after);
+        // The receiver takes a little, but not all that was held: that is
+        // no catching up, and the clock runs on.
+        rx.window = 40;
+        dir.dst_ready = true;
+        pump_all(&mut dir, &mut src, &mut rx);
+        assert_eq!((dir.buf.len(), dir.buf.has_spilled()), (100, false));
+        assert_eq!(dir.spill_due(Instant::now()), Some(due), "same deadline");
+        // Time is up: the timer's turn spills, and asks for no timer.
+        dir.age_pause(after);
+        pump_all(&mut dir, &mut src, &mut rx);
+        assert!(dir.buf.has_spilled());
+        assert_eq!(dir.bytes_in, 1000, "read on to the sender's end");
+        assert_eq!(dir.spill_due(Instant::now()), None);
+        rx.window = usize::MAX;
+        dir.dst_ready = true;
+        pump_all(&mut dir, &mut src, &mut rx);
+        assert_eq!(rx.got, data);
+    }
+
+    /// A receiver that takes everything that was held within
+    /// `--spill-after` each time keeps up: every pause starts the clock
+    /// anew, and nothing ever goes to disk however long it runs.
+    #[test]
+    fn a_receiver_that_catches_up_in_time_never_spills() {
+        let (_tmp, dir) = direction(100, 1 << 20);
+        let after = Duration::from_secs(60);
+        let mut dir = dir.with_spill_after(after);
+        let mut src = Open { left: 100_000 };
+        let mut rx = Window {
+            got: Vec::new(),
+            window: 0,
+            shut: false,
+        };
+        dir.src_ready = true;
+        dir.dst_ready = true;
+        for _ in 0..500 {
+            pump_all(&mut dir, &mut src, &mut rx);
+            assert!(!dir.buf.has_spilled(), "spilled after {}", dir.bytes_out);
+            // Most of the allowance passes, then the receiver takes all.
+            dir.age_pause(after - Duration::from_millis(1));
+            rx.window = 100;
+            dir.dst_ready = true;
+        }
+        assert_eq!(dir.bytes_out, 100 * 499);
+    }
+
+    /// A receiver with segments of 100 bytes, recording each write's size.
+    struct Segmented {
+        got: Vec<u8>,
+        writes: Vec<usize>,
+    }
+    impl Write for Segmented {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes.push(buf.len());
+            self.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Receiver for Segmented {
+        fn close_write(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn segment_size(&self) -> Option<usize> {
+            Some(100)
+        }
+    }
+
+    /// A sender that gives `chunk` bytes per read of a numbered stream of
+    /// `left` bytes, then has nothing for now (no EOF).
+    struct Chunks {
+        next: u8,
+        left: usize,
+        chunk: usize,
+    }
+    impl Read for Chunks {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.chunk).min(self.left);
+            for b in &mut buf[..n] {
+                *b = self.next;
+                self.next = self.next.wrapping_add(1);
+            }
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    /// While the sender has more, only whole segments are written and the
+    /// sliver waits for the next read's bytes; when the sender runs dry,
+    /// the sliver goes at once: nothing is held back for want of more.
+    #[test]
+    fn whole_segments_while_more_is_coming_then_the_rest_at_once() {
+        let (_tmp, mut dir) = direction(1000, 1 << 20);
+        let mut src = Chunks {
+            next: 0,
+            left: 2050,
+            chunk: 130,
+        };
+        let mut rx = Segmented {
+            got: Vec::new(),
+            writes: Vec::new(),
+        };
+        dir.src_ready = true;
+        dir.dst_ready = true;
+        pump_all(&mut dir, &mut src, &mut rx);
+        assert_eq!(
+            dir.bytes_out, 2050,
+            "nothing held back once the sender ran dry"
+        );
+        let expected: Vec<u8> = (0..2050u32).map(|i| i as u8).collect();
+        assert_eq!(rx.got, expected);
+        let (last, whole) = rx.writes.split_last().unwrap();
+        assert!(
+            whole.iter().all(|&n| n % 100 == 0),
+            "writes while more was coming: {:?}",
+            rx.writes
+        );
+        assert!(*last % 100 != 0, "the sliver went last: {:?}", rx.writes);
+    }
+
+    /// `--spill-after 0` is the old ladder: memory full, straight to disk.
+    #[test]
+    fn zero_spill_after_spills_at_once() {
+        let (_tmp, mut dir) = direction(100, 1 << 20);
+        let data = vec![4u8; 1000];
+        let mut rx = Window {
+            got: Vec::new(),
+            window: 0,
+            shut: false,
+        };
+        dir.src_ready = true;
+        pump_all(&mut dir, &data[..], &mut rx);
+        assert_eq!(dir.buf.file_backlog(), 900);
+        assert_eq!(dir.spill_due(Instant::now()), None);
     }
 
     #[test]

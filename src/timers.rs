@@ -22,6 +22,9 @@ pub enum Timer {
     ConnectRetry { slot: usize, conn: u64 },
     /// Connection `conn` in `slot` has lingered long enough.
     LingerEnd { slot: usize, conn: u64 },
+    /// Connection `conn` in `slot` paused reading to let a receiver catch
+    /// up (`--spill-after`): time to look again, and spill if it has not.
+    SpillDue { slot: usize, conn: u64 },
     /// Look for connections idle for `--idle-timeout`.
     IdleSweep,
     /// Time to probe every backend.

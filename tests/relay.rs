@@ -894,3 +894,127 @@ fn workers_share_the_port_and_relay_exactly() {
     }
     backend.join(SECS_10);
 }
+
+/// A backend that waits for the client's request (to EOF), then writes
+/// `data` and closes, and reports when it was done writing.
+fn bulk_backend(data: Arc<Vec<u8>>) -> (SocketAddr, mpsc::Receiver<Instant>, Bg<()>) {
+    let (listener, addr) = listen();
+    let (done_tx, done_rx) = mpsc::channel();
+    let backend = spawn("backend", move || {
+        let mut s = accept_within(&listener, SECS_10);
+        assert_eq!(read_to_eof(&mut s, 4096), REQUEST, "request as sent");
+        s.set_write_timeout(Some(SECS_60)).expect("write timeout");
+        s.write_all(&data).expect("backend write_all");
+        shutdown_write(&s);
+        done_tx.send(Instant::now()).expect("report done");
+    });
+    (addr, done_rx, backend)
+}
+
+/// A client that reads as fast as it can, but for a pause of 1ms every
+/// 4MiB, gets a bulk download through memory alone: when memory fills, the
+/// proxy pauses the backend for `--spill-after` (5ms) instead of spilling,
+/// and the client catches up well before that. A proxy that spills as soon
+/// as memory is full sends most of the 64MiB through the disk here: after
+/// the first pause, order keeps everything behind the file. (Hiccups of a
+/// loaded machine may spill a little: the bound is loose.)
+#[test]
+fn a_client_that_keeps_up_gets_a_bulk_download_without_spilling() {
+    let data = Arc::new(random_bytes(11, BIG));
+    let (backend_addr, _done, backend) = bulk_backend(data.clone());
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, REQUEST);
+    let mut got = Vec::with_capacity(BIG);
+    let mut buf = vec![0u8; MIB];
+    let mut next_pause = 4 * MIB;
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.len() >= next_pause {
+                    next_pause += 4 * MIB;
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read after {} bytes: {}", got.len(), explain(&e)),
+        }
+    }
+    assert_bytes_eq("a fast download", &got, &data);
+    backend.join(SECS_10);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.down_bytes, BIG as u64, "{}", closed.line);
+    assert!(
+        closed.down_spilled < BIG as u64 / 4,
+        "a client that keeps up had {} of {BIG} bytes spilled: {}",
+        closed.down_spilled,
+        closed.line
+    );
+    eprintln!("spilled {} of {BIG} bytes", closed.down_spilled);
+}
+
+/// A client that reads slowly but steadily (4KiB every millisecond, small
+/// receive window) never lets memory fill for long, yet never takes all of
+/// it within `--spill-after` either: it is behind, so its backlog goes to
+/// disk and the backend is released at once, not after the 2s the client
+/// takes. Catches a pause that any progress would restart.
+#[test]
+fn a_client_that_reads_a_little_at_a_time_still_releases_the_backend() {
+    const SIZE: usize = 8 * MIB;
+    let data = Arc::new(random_bytes(12, SIZE));
+    let (backend_addr, done_rx, backend) = bulk_backend(data.clone());
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect_small_window(proxy.addr, 64 * KIB);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, REQUEST);
+    let started = Instant::now();
+    let reader = spawn("client", move || {
+        read_to_eof_paced(
+            &mut client,
+            SIZE,
+            4 * KIB,
+            Duration::from_millis(1),
+            SECS_60,
+        )
+    });
+    let (done_at, backend) = recv_from(&done_rx, SECS_60, backend, "backend writing 8MiB");
+    backend.join(SECS_10);
+    let got = reader.join(SECS_60);
+    let client_took = started.elapsed();
+    assert_bytes_eq("a slowly read download", &got, &data);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert!(closed.down_spilled > 0, "{}", closed.line);
+    let backend_took = done_at.duration_since(started);
+    assert!(
+        backend_took * 4 < client_took,
+        "the backend wrote for {backend_took:?} of the client's {client_took:?}: {}",
+        closed.line
+    );
+    eprintln!(
+        "backend done after {backend_took:?}, held {:.3}s; client took {client_took:?}",
+        closed.backend_held
+    );
+}
+
+/// `--spill-after` is checked at start: a bad value is one line on stderr
+/// naming the flag, and exit code 2.
+#[test]
+fn bad_spill_after_is_refused() {
+    for bad in ["2s", "soon", "0.5ms"] {
+        let out = std::process::Command::new(bin())
+            .args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"])
+            .args(["--spill-after", bad])
+            .output()
+            .expect("run spillway");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--spill-after {bad}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+        assert!(
+            stderr.starts_with("spillway: ") && stderr.contains("--spill-after"),
+            "{stderr:?}"
+        );
+    }
+}

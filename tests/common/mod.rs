@@ -931,3 +931,50 @@ pub fn send_and_shut(stream: &mut TcpStream, bytes: &[u8]) {
     stream.write_all(bytes).expect("write_all");
     shutdown_write(stream);
 }
+
+/// Connect to `addr` with the receive buffer pinned to `rcvbuf` bytes
+/// (set before connecting, so the window is small from the first byte), as
+/// on a real network path: the kernel cannot then quietly absorb megabytes
+/// of a response and hide how slowly the client reads.
+pub fn connect_small_window(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    with_timeouts(socket.into())
+}
+
+/// Read to EOF `chunk` bytes at a time, sleeping `every` between reads,
+/// expecting exactly `expected_len` bytes within `timeout`.
+pub fn read_to_eof_paced(
+    stream: &mut TcpStream,
+    expected_len: usize,
+    chunk: usize,
+    every: Duration,
+    timeout: Duration,
+) -> Vec<u8> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(expected_len);
+    let mut buf = vec![0u8; chunk];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "read only {} of {expected_len} bytes within {timeout:?}",
+            out.len()
+        );
+        match stream.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!(
+                "read failed after {} of {expected_len} bytes: {}",
+                out.len(),
+                explain(&e)
+            ),
+        }
+        assert!(out.len() <= expected_len, "more than {expected_len} bytes");
+        thread::sleep(every);
+    }
+}
