@@ -318,12 +318,7 @@ impl SpillBuffer {
     fn splice_in(&mut self, fd: RawFd) -> Option<Fill> {
         let room = self.memory_room();
         if self.pipe.is_none() {
-            // Twice the slots: a pipe counts pieces (a page, or part of
-            // one), not bytes, and the sliver left by a whole-segment write
-            // takes a slot of its own; with room for two memories' worth,
-            // a full memory's worth always fits. (Bytes in it stay within
-            // `mem_limit`: that is what a splice asks for.)
-            match Pipe::new(self.mem_limit.saturating_mul(2)) {
+            match Pipe::new(self.mem_limit) {
                 Ok(Some(pipe)) => self.pipe = Some(pipe),
                 Ok(None) => {
                     log::debug!("no pipe as large as memory_buffer to be had; reading instead");

@@ -39,11 +39,17 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// A non-blocking pipe that can hold `want` bytes in one go, or `None`
-    /// if the kernel grants less than `min(want, 64KiB)` (a user over
-    /// `/proc/sys/fs/pipe-user-pages-soft` gets two-page pipes, which
-    /// would splice slower than reading into memory).
-    pub fn new(want: usize) -> io::Result<Option<Pipe>> {
+    /// A non-blocking pipe to hold up to `memory` bytes, or `None` if the
+    /// kernel will not make one that large (past `pipe-max-size`, or a
+    /// user over `pipe-user-pages-soft` gets two-page pipes): it would fill
+    /// up short of `--memory-buffer` and spill early.
+    ///
+    /// It asks for twice that: a pipe counts slots (a page, or a piece of
+    /// one), not bytes, and socket buffers come in pieces, one of them the
+    /// sliver a whole-segment write leaves; with twice the slots, a whole
+    /// memory's worth fits. The bytes in it stay within `memory`: that is
+    /// all a splice ever asks for.
+    pub fn new(memory: usize) -> io::Result<Option<Pipe>> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two fds into the array it is given, which
         // is a live local of the right size.
@@ -53,11 +59,13 @@ impl Pipe {
         }
         // SAFETY: both fds were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let want = want.min(i32::MAX as usize);
-        let capacity = pipe_capacity(&write)?;
-        if capacity < want {
-            // Best effort: past pipe-max-size, or a user's pipe quota,
-            // the kernel says no and the pipe keeps what it has.
+        let memory = memory.min(i32::MAX as usize / 2);
+        for want in [memory * 2, memory] {
+            if pipe_capacity(&write)? >= want {
+                break;
+            }
+            // Best effort: the kernel may say no, and the pipe keeps what
+            // it has.
             // SAFETY: F_SETPIPE_SZ only reads its integer argument.
             unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
         }
@@ -67,8 +75,7 @@ impl Pipe {
             len: 0,
             full: false,
         };
-        let enough = want.min(64 * 1024);
-        Ok((pipe_capacity(&pipe.write)? >= enough).then_some(pipe))
+        Ok((pipe_capacity(&pipe.write)? >= memory).then_some(pipe))
     }
 
     pub fn len(&self) -> usize {
