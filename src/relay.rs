@@ -8,6 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::spill::{Drain, Fill, SpillBuffer};
@@ -30,10 +31,23 @@ pub enum Flow {
     Aborted,
 }
 
+/// The end of a direction that sends the bytes.
+pub trait Sender: Read {
+    /// Its file descriptor, if the kernel can splice from it.
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
 /// The end of a direction that gets the bytes: it can also be told that
 /// no more will come.
 pub trait Receiver: Write {
     fn close_write(&mut self) -> io::Result<()>;
+
+    /// Its file descriptor, if the kernel can splice and send files to it.
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
 
     /// The payload of one full packet to this receiver (TCP's MSS), if it
     /// has such a thing.
@@ -42,9 +56,19 @@ pub trait Receiver: Write {
     }
 }
 
+impl Sender for &mio::net::TcpStream {
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
 impl Receiver for &mio::net::TcpStream {
     fn close_write(&mut self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
     }
 
     fn segment_size(&self) -> Option<usize> {
@@ -53,15 +77,28 @@ impl Receiver for &mio::net::TcpStream {
     }
 }
 
+impl<T: Sender + ?Sized> Sender for &mut T {
+    fn fd(&self) -> Option<RawFd> {
+        (**self).fd()
+    }
+}
+
 impl<T: Receiver + ?Sized> Receiver for &mut T {
     fn close_write(&mut self) -> io::Result<()> {
         (**self).close_write()
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        (**self).fd()
     }
 
     fn segment_size(&self) -> Option<usize> {
         (**self).segment_size()
     }
 }
+
+/// Plain byte slices send, for tests and for anything else in memory.
+impl Sender for &[u8] {}
 
 /// Which end a failure came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,7 +269,7 @@ impl Direction {
 /// delivered, then take more: into memory while it has room, else (once
 /// the receiver has had `--spill-after` to catch up) onto disk while under
 /// `--max-spill`, else not at all (backpressure).
-pub fn pump<R: Read, W: Receiver>(
+pub fn pump<R: Sender, W: Receiver>(
     dir: &mut Direction,
     mut src: Option<R>,
     mut dst: Option<W>,
@@ -256,10 +293,8 @@ pub fn pump<R: Read, W: Receiver>(
                 dir.segment_ttl = SEGMENT_TTL;
             }
             dir.segment_ttl -= 1;
-            match dir
-                .buf
-                .drain_whole_into(dst, dir.segment.filter(|_| more_coming))
-            {
+            let unit = dir.segment.filter(|_| more_coming);
+            match dir.buf.drain(dst, dst.fd(), unit) {
                 Drain::Gave(n) => {
                     dir.bytes_out += n as u64;
                     progressed = true;
@@ -290,7 +325,8 @@ pub fn pump<R: Read, W: Receiver>(
             && (!dir.buf.needs_disk() || dir.may_spill(Instant::now()))
         {
             let src = src.as_mut().expect("an open direction has a sender");
-            match dir.buf.fill_from(src, scratch) {
+            let fd = src.fd();
+            match dir.buf.fill(src, fd, scratch) {
                 Fill::Took(n) => {
                     dir.bytes_in += n as u64;
                     progressed = true;
@@ -300,6 +336,9 @@ pub fn pump<R: Read, W: Receiver>(
                     progressed = true;
                 }
                 Fill::WouldBlock => dir.src_ready = false,
+                // The sender may still have bytes: keep its readiness;
+                // memory counts as full until the receiver takes some.
+                Fill::Full => {}
                 // Memory is full and disk is not to be had: stop reading.
                 // `src_ready` stays set; the event loop retries when space
                 // may have freed. Writing goes on.
@@ -423,6 +462,7 @@ mod tests {
     struct Open {
         left: usize,
     }
+    impl Sender for Open {}
     impl Read for Open {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             if self.left == 0 {
@@ -474,9 +514,9 @@ mod tests {
         }
     }
 
-    fn pump_all<R: Read, W: Receiver>(dir: &mut Direction, mut src: R, mut dst: W) {
+    fn pump_all<R: Sender, W: Receiver>(dir: &mut Direction, src: &mut R, dst: &mut W) {
         let mut scratch = vec![0u8; 64];
-        while let Pumped::MoreWork = pump(dir, Some(&mut src), Some(&mut dst), &mut scratch) {}
+        while let Pumped::MoreWork = pump(dir, Some(&mut *src), Some(&mut *dst), &mut scratch) {}
     }
 
     /// Memory full, the receiver blocked: the sender is not read (no
@@ -580,6 +620,7 @@ mod tests {
         left: usize,
         chunk: usize,
     }
+    impl Sender for Chunks {}
     impl Read for Chunks {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             if self.left == 0 {
@@ -628,6 +669,69 @@ mod tests {
         assert!(*last % 100 != 0, "the sliver went last: {:?}", rx.writes);
     }
 
+    /// Two connected loopback sockets: a blocking std end for the test to
+    /// drive, and a non-blocking mio end for the pump.
+    fn socket_pair() -> (std::net::TcpStream, mio::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let outer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (inner, _) = listener.accept().unwrap();
+        inner.set_nonblocking(true).unwrap();
+        (outer, mio::net::TcpStream::from_std(inner))
+    }
+
+    /// A sender that resets in the middle of a bulk stream is a failure of
+    /// the sender, never an EOF, however its bytes were being taken (a
+    /// splice that fails consumes the socket's error: a read after it
+    /// would say EOF, and a cut upload would look complete).
+    #[test]
+    fn a_sender_reset_while_splicing_is_a_failure_not_an_eof() {
+        for round in 0..5 {
+            let (mut peer, from) = socket_pair();
+            let (mut sink, to) = socket_pair();
+            let (_tmp, mut dir) = direction(16 * 1024, 1 << 30);
+            let writer = std::thread::spawn(move || {
+                let data = vec![round as u8; 300 * 1024];
+                peer.write_all(&data).unwrap();
+                socket2::SockRef::from(&peer)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            });
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let _ = sink.read_to_end(&mut got);
+                got.len()
+            });
+            let mut scratch = vec![0u8; 64 * 1024];
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let outcome = loop {
+                assert!(Instant::now() < deadline, "no outcome");
+                dir.src_ready = true;
+                dir.dst_ready = true;
+                match pump(&mut dir, Some(&from), Some(&to), &mut scratch) {
+                    Pumped::Failed(culprit, e) => break (culprit, e),
+                    _ => assert_eq!(
+                        dir.flow,
+                        Flow::Open,
+                        "round {round}: EOF from a reset sender"
+                    ),
+                }
+                if writer.is_finished() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
+            writer.join().unwrap();
+            assert_eq!(outcome.0, Culprit::Sender, "round {round}: {outcome:?}");
+            assert_eq!(
+                outcome.1.kind(),
+                io::ErrorKind::ConnectionReset,
+                "round {round}"
+            );
+            assert!(dir.buf.spliced(), "round {round}: the pipe was never used");
+            drop(to);
+            assert!(reader.join().unwrap() <= 300 * 1024);
+        }
+    }
+
     /// `--spill-after 0` is the old ladder: memory full, straight to disk.
     #[test]
     fn zero_spill_after_spills_at_once() {
@@ -639,7 +743,7 @@ mod tests {
             shut: false,
         };
         dir.src_ready = true;
-        pump_all(&mut dir, &data[..], &mut rx);
+        pump_all(&mut dir, &mut &data[..], &mut rx);
         assert_eq!(dir.buf.file_backlog(), 900);
         assert_eq!(dir.spill_due(Instant::now()), None);
     }

@@ -2,23 +2,32 @@
 //!
 //! A `SpillBuffer` is a FIFO of bytes. It knows nothing of sockets or mio: it
 //! fills from any `Read` and drains into any `Write`, and reports what one
-//! step did as a small enum, `WouldBlock` included.
+//! step did as a small enum, `WouldBlock` included. Given the file
+//! descriptors of the two ends as well, it moves bulk bytes without copying
+//! them through user space (`zerocopy`): `splice` through a pipe for the
+//! in-memory part, `sendfile` from the spill file.
 //!
 //! Layout and the invariant everything else rests on:
 //!
 //! ```text
-//!   oldest bytes                                            newest bytes
-//!   [ memory: mem[head .. head+len] ] [ file: file_head .. file_tail ]
+//!   oldest bytes                                                  newest bytes
+//!   [ memory: mem[head .. head+len] or a pipe ] [ file: file_head .. file_tail ]
 //! ```
 //!
 //! Every byte in memory is older than every byte in the file. New bytes go
 //! to memory only while the file part is empty; once anything is on disk,
-//! new bytes are appended to the file. When memory runs dry it is refilled
-//! from the head of the file, so the writer only ever writes from memory.
-//! When the file part empties, the file is truncated to zero and both
-//! offsets rewind, so the space on disk follows the backlog. A file that
-//! never empties (a steady stream into a slower reader) has its drained
-//! head released with `FALLOC_FL_PUNCH_HOLE` every `PUNCH_STEP` bytes.
+//! new bytes are appended to the file. Memory is a `Vec` or a pipe, never
+//! both at once, and the two together never hold more than `mem_limit`.
+//! When memory runs dry the file's head is sent to the receiver straight
+//! from the page cache, or (without a socket to send to) read back into
+//! memory first. When the file part empties, the file is truncated to zero
+//! and both offsets rewind, so the space on disk follows the backlog. A
+//! file that never empties (a steady stream into a slower reader) has its
+//! drained head released with `FALLOC_FL_PUNCH_HOLE` in whole
+//! `largest_folio()` steps (2MiB): never part of a page the kernel may
+//! still be sending (see `zerocopy::largest_folio`). Bytes are only ever
+//! appended past everything sent, and the file is only ever truncated to
+//! zero, so no page handed to a socket is changed while it is in flight.
 //!
 //! Disk space is reserved (`fallocate`, keeping the file size) and charged
 //! to the shared `DiskBudget` *before* bytes are read from the sender: when
@@ -29,18 +38,21 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::buffer_pool;
 use crate::disk::DiskBudget;
 
-/// Drained bytes at the head of a file that never empties are released
-/// in steps of at most this size (and at most an eighth of `--max-spill`):
-/// large enough that the syscall is rare, small enough that `--max-spill`
-/// stays a close bound on real disk use.
-const PUNCH_STEP: u64 = 1 << 20;
+mod zerocopy;
+use zerocopy::{Pipe, largest_folio};
+
+/// Most bytes one `sendfile` may hand over. The page cache is not ours to
+/// ration, but one call is one step of a pump's turn: this keeps a turn of
+/// 32 steps near the 2MiB that memory-sized steps make, for fairness
+/// between connections, while a slow receiver's socket takes what fits.
+const SENDFILE_STEP: usize = 256 * 1024;
 
 /// Disk is reserved ahead in steps of this size (within `--max-spill`),
 /// so that a steady spill makes one `fallocate` per step, not per read.
@@ -60,6 +72,11 @@ pub enum Fill {
     Eof,
     /// Reading from the sender failed.
     SourceFailed(io::Error),
+    /// The pipe that holds memory found no room, although its byte count
+    /// had some (it counts slots, one per piece of a socket buffer): none
+    /// was taken, the sender may still have bytes, and memory counts as
+    /// full until something leaves it.
+    Full,
     /// Memory is full and no disk space could be had: `None` when
     /// `--max-disk` is reached, else why the file system refused (full,
     /// over quota, I/O error, temp dir gone). Nothing was read: stop
@@ -86,12 +103,32 @@ pub enum Drain {
     SpillFailed(io::Error),
 }
 
+/// Whether a buffer's memory is a pipe the kernel splices through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Splice {
+    /// Not yet: small exchanges (a request, a reply) gain nothing from a
+    /// pipe and would pay two fds and its set-up.
+    NotYet,
+    /// Bulk has been seen (a read that filled memory, or a spill): bytes
+    /// bound for memory are spliced into a pipe whenever the `Vec` is empty.
+    Yes,
+    /// The kernel refused (no pipe to be had, or splice unsupported): the
+    /// `Vec` it is, for good.
+    Never,
+}
+
 pub struct SpillBuffer {
     /// Allocated on first use: an idle connection costs no buffer.
     mem: Vec<u8>,
     mem_limit: usize,
     mem_head: usize,
     mem_len: usize,
+    /// Memory held in the kernel instead of `mem` (never both at once).
+    pipe: Option<Pipe>,
+    splice: Splice,
+    /// Cleared when `sendfile` is refused: the file's head is then read
+    /// back into memory before it is written.
+    can_sendfile: bool,
 
     file: Option<File>,
     /// Offset of the oldest byte still on disk.
@@ -134,6 +171,9 @@ impl SpillBuffer {
             mem_limit,
             mem_head: 0,
             mem_len: 0,
+            pipe: None,
+            splice: Splice::NotYet,
+            can_sendfile: true,
             file: None,
             file_head: 0,
             file_tail: 0,
@@ -151,7 +191,12 @@ impl SpillBuffer {
 
     /// Bytes held, in memory and on disk.
     pub fn len(&self) -> u64 {
-        self.mem_len as u64 + self.file_backlog()
+        self.memory_len() as u64 + self.file_backlog()
+    }
+
+    /// Bytes held in memory: the `Vec`'s or the pipe's.
+    fn memory_len(&self) -> usize {
+        self.mem_len + self.pipe.as_ref().map_or(0, Pipe::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -188,25 +233,46 @@ impl SpillBuffer {
     }
 
     /// Room for new bytes in memory. Zero while anything is on disk, since
-    /// bytes in memory must stay older than bytes in the file.
+    /// bytes in memory must stay older than bytes in the file, and while
+    /// the pipe has no free slot.
     fn memory_room(&self) -> usize {
-        if self.file_backlog() > 0 {
+        if self.file_backlog() > 0 || self.pipe.as_ref().is_some_and(Pipe::is_full) {
             0
         } else {
-            self.mem_limit - self.mem_len
+            self.mem_limit - self.memory_len()
         }
     }
 
     /// Take at most one read's worth of bytes from `src`. `scratch` carries
     /// bytes bound for the file; its length caps what one read may take.
     pub fn fill_from<R: Read>(&mut self, src: &mut R, scratch: &mut [u8]) -> Fill {
-        debug_assert!(self.has_room(), "fill_from called with no room");
+        self.fill(src, None, scratch)
+    }
+
+    /// `fill_from`, where `fd` is `src`'s file descriptor if it has one:
+    /// once the stream is bulk, bytes bound for memory are then spliced
+    /// into a pipe rather than read.
+    pub fn fill<R: Read>(&mut self, src: &mut R, fd: Option<RawFd>, scratch: &mut [u8]) -> Fill {
+        debug_assert!(self.has_room(), "fill called with no room");
         if self.memory_room() > 0 {
+            if let Some(fd) = fd.filter(|_| self.splice == Splice::Yes && self.mem_len == 0) {
+                if let Some(done) = self.splice_in(fd) {
+                    self.check_invariants();
+                    return done;
+                }
+            }
+            if let Err(e) = self.pipe_to_memory() {
+                return Fill::SpillFailed(e);
+            }
             self.make_tail_room();
             let start = self.mem_head + self.mem_len;
             return match read_step(src, &mut self.mem[start..self.mem_limit]) {
                 Fill::Took(n) => {
                     self.mem_len += n;
+                    if self.mem_len == self.mem_limit && self.splice == Splice::NotYet {
+                        // The sender had a whole memory's worth waiting.
+                        self.splice = Splice::Yes;
+                    }
                     self.check_invariants();
                     Fill::Took(n)
                 }
@@ -234,6 +300,9 @@ impl SpillBuffer {
         match read_step(src, &mut scratch[..want]) {
             Fill::Took(n) => match self.append_to_file(&scratch[..n]) {
                 Ok(()) => {
+                    if self.splice == Splice::NotYet {
+                        self.splice = Splice::Yes;
+                    }
                     self.check_invariants();
                     Fill::Took(n)
                 }
@@ -243,30 +312,123 @@ impl SpillBuffer {
         }
     }
 
-    /// Give at most one write's worth of the oldest bytes to `dst`.
-    pub fn drain_into<W: Write>(&mut self, dst: &mut W) -> Drain {
-        self.drain_whole_into(dst, None)
+    /// Splice what fits into memory from the socket `fd` into the pipe
+    /// (made on first use). `None` if the kernel will not (no pipe to be
+    /// had, or splicing unsupported): splicing stops for good and the
+    /// caller reads instead.
+    fn splice_in(&mut self, fd: RawFd) -> Option<Fill> {
+        let room = self.memory_room();
+        if self.pipe.is_none() {
+            match Pipe::new(self.mem_limit) {
+                Ok(Some(pipe)) => self.pipe = Some(pipe),
+                Ok(None) => {
+                    log::debug!("no pipe as large as memory_buffer to be had; reading instead");
+                    self.splice = Splice::Never;
+                    return None;
+                }
+                Err(e) => {
+                    log::debug!("cannot make a pipe ({e}); reading instead");
+                    self.splice = Splice::Never;
+                    return None;
+                }
+            }
+        }
+        let pipe = self.pipe.as_mut().expect("made above");
+        match pipe.splice_from(fd, room) {
+            Ok(0) => Some(Fill::Eof),
+            Ok(n) => Some(Fill::Took(n)),
+            // An empty pipe had room: the socket has nothing. A pipe with
+            // bytes in it may have had no free slot: maybe not.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(if pipe.len() == 0 {
+                Fill::WouldBlock
+            } else {
+                Fill::Full
+            }),
+            Err(e) if refused(&e) => {
+                log::debug!("splice from a socket refused ({e}); reading instead");
+                self.splice = Splice::Never;
+                None
+            }
+            // The socket's own error, and the only report of it: the call
+            // consumed it, and a read now would say EOF.
+            Err(e) => Some(Fill::SourceFailed(e)),
+        }
     }
 
-    /// `drain_into`, but while at least `unit` bytes are held, hand over
-    /// only whole multiples of it and keep the rest for the next write.
-    /// The caller passes the receiver's segment size when more bytes are
-    /// about to arrive: a write that ends in a sliver of a segment costs a
-    /// packet of its own (the sockets have Nagle off), which on loopback,
-    /// where a segment is 64KiB, doubles the packets of a bulk transfer.
-    pub fn drain_whole_into<W: Write>(&mut self, dst: &mut W, unit: Option<usize>) -> Drain {
+    /// Move what the pipe holds into `mem`, so that plain reads and writes
+    /// can carry on in order: when splicing stops, or the other end has no
+    /// fd. Reading our own pipe can only fail if the kernel broke it.
+    fn pipe_to_memory(&mut self) -> io::Result<()> {
+        let Some(pipe) = self.pipe.as_mut().filter(|p| p.len() > 0) else {
+            return Ok(());
+        };
+        debug_assert_eq!(self.mem_len, 0, "memory is a pipe or a Vec, never both");
+        if self.mem.is_empty() {
+            self.mem = buffer_pool::take(self.mem_limit);
+        }
+        let n = pipe
+            .read_all_into(&mut self.mem)
+            .map_err(|e| io::Error::other(format!("reading back the memory pipe: {e}")))?;
+        self.mem_head = 0;
+        self.mem_len = n;
+        Ok(())
+    }
+
+    /// Give at most one write's worth of the oldest bytes to `dst`.
+    pub fn drain_into<W: Write>(&mut self, dst: &mut W) -> Drain {
+        self.drain(dst, None, None)
+    }
+
+    /// `drain_into`, where `fd` is `dst`'s file descriptor if it has one
+    /// (bytes in a pipe are then spliced out, bytes on disk sent straight
+    /// from the page cache), and where, while at least `unit` bytes are
+    /// held, only whole multiples of it are handed over and the rest kept
+    /// for the next write. The caller passes the receiver's segment size
+    /// when more bytes are about to arrive: a write that ends in a sliver
+    /// of a segment costs a packet of its own (the sockets have Nagle
+    /// off), which on loopback, where a segment is 64KiB, doubles the
+    /// packets of a bulk transfer.
+    pub fn drain<W: Write>(
+        &mut self,
+        dst: &mut W,
+        fd: Option<RawFd>,
+        unit: Option<usize>,
+    ) -> Drain {
+        if let Some(pipe) = self.pipe.as_mut().filter(|p| p.len() > 0) {
+            if let Some(fd) = fd {
+                match pipe.splice_to(fd, whole(pipe.len(), unit)) {
+                    Ok(n) => {
+                        self.check_invariants();
+                        return Drain::Gave(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drain::WouldBlock,
+                    Err(e) if refused(&e) => {
+                        log::debug!("splice to a socket refused ({e}); writing instead");
+                        self.splice = Splice::Never;
+                    }
+                    Err(e) => return Drain::SinkFailed(e),
+                }
+            }
+            if let Err(e) = self.pipe_to_memory() {
+                return Drain::SpillFailed(e);
+            }
+        }
         if self.mem_len == 0 {
             if self.file_backlog() == 0 {
                 return Drain::Empty;
+            }
+            if let Some(fd) = fd.filter(|_| self.can_sendfile) {
+                if let Some(done) = self.send_from_file(fd, unit) {
+                    return done;
+                }
             }
             if let Err(e) = self.refill_from_file() {
                 return Drain::SpillFailed(e);
             }
         }
-        let len = match unit {
-            Some(unit) if unit > 0 && self.mem_len >= unit => self.mem_len / unit * unit,
-            _ => self.mem_len,
-        };
+        // Memory must empty for splicing to begin: write it all this once.
+        let unit = unit.filter(|_| !(self.splice == Splice::Yes && fd.is_some()));
+        let len = whole(self.mem_len, unit);
         let head = &self.mem[self.mem_head..self.mem_head + len];
         loop {
             return match dst.write(head) {
@@ -291,6 +453,47 @@ impl SpillBuffer {
         }
     }
 
+    /// Hand the receiver up to `SENDFILE_STEP` bytes from the file's head
+    /// straight from the page cache. `None` if `sendfile` is refused (it is
+    /// then not tried again, and the caller reads the head back into
+    /// memory and writes it).
+    fn send_from_file(&mut self, fd: RawFd, unit: Option<usize>) -> Option<Drain> {
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        let len = whole(self.file_backlog().min(SENDFILE_STEP as u64) as usize, unit);
+        match zerocopy::sendfile(fd, file, self.file_head, len) {
+            Ok(0) => {
+                log::debug!("sendfile gave nothing with {len} bytes on disk; reading instead");
+                self.can_sendfile = false;
+                None
+            }
+            Ok(n) => {
+                self.file_head += n as u64;
+                if let Err(e) = self.release_drained_file() {
+                    return Some(Drain::SpillFailed(e));
+                }
+                self.check_invariants();
+                Some(Drain::Gave(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Drain::WouldBlock),
+            Err(e) if refused(&e) => {
+                log::debug!("sendfile refused ({e}); reading instead");
+                self.can_sendfile = false;
+                None
+            }
+            // The errors of reading a file; anything else is the socket's
+            // (and consumed by this call: it must be reported now).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EFBIG | libc::EOVERFLOW | libc::ENXIO)
+                ) =>
+            {
+                Some(Drain::SpillFailed(e))
+            }
+            Err(e) => Some(Drain::SinkFailed(e)),
+        }
+    }
+
     /// Drop everything held (the receiver is gone) and free the disk space.
     /// Returns how many bytes were dropped.
     pub fn discard(&mut self) -> u64 {
@@ -298,6 +501,7 @@ impl SpillBuffer {
         self.mem_head = 0;
         self.mem_len = 0;
         buffer_pool::give(std::mem::take(&mut self.mem));
+        self.pipe = None;
         self.close_file();
         dropped
     }
@@ -327,6 +531,12 @@ impl SpillBuffer {
         self.file_tail = 0;
         self.punched = 0;
         self.reserved = 0;
+    }
+
+    /// Has memory been a pipe? (Tests check that they took that path.)
+    #[cfg(test)]
+    pub(crate) fn spliced(&self) -> bool {
+        self.pipe.is_some()
     }
 
     /// The spill file, if one is open (tests look at its allocated size).
@@ -438,9 +648,10 @@ impl SpillBuffer {
             self.reserved = 0;
             return Ok(());
         }
-        let reclaimable = (self.file_head / BLOCK) * BLOCK;
-        let step = PUNCH_STEP.min(self.spill_limit / 8).max(BLOCK);
-        if self.can_punch && reclaimable >= self.punched + step {
+        // Whole folios only, so that no page still queued in a socket by
+        // `sendfile` is zeroed in place; see `zerocopy::largest_folio`.
+        let reclaimable = self.file_head / largest_folio() * largest_folio();
+        if self.can_punch && reclaimable > self.punched {
             let len = reclaimable - self.punched;
             match fallocate(
                 file,
@@ -464,7 +675,12 @@ impl SpillBuffer {
     }
 
     fn check_invariants(&self) {
-        debug_assert!(self.mem_len <= self.mem_limit, "memory over budget");
+        debug_assert!(self.memory_len() <= self.mem_limit, "memory over budget");
+        debug_assert!(
+            self.mem_len == 0 || self.pipe.as_ref().is_none_or(|p| p.len() == 0),
+            "memory is a pipe or a Vec, never both"
+        );
+        debug_assert_eq!(self.punched % largest_folio(), 0, "punched part of a folio");
         debug_assert!(self.mem_head + self.mem_len <= self.mem.len().max(self.mem_len));
         debug_assert!(
             self.file_head <= self.file_tail,
@@ -491,6 +707,24 @@ impl Drop for SpillBuffer {
     fn drop(&mut self) {
         buffer_pool::give(std::mem::take(&mut self.mem));
         self.close_file();
+    }
+}
+
+/// The kernel will not splice or send a file between these two: it says
+/// so before touching either, so nothing was consumed, and plain reads and
+/// writes can take over.
+fn refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE)
+    )
+}
+
+/// `len`, or its largest multiple of `unit` if that is not zero.
+fn whole(len: usize, unit: Option<usize>) -> usize {
+    match unit {
+        Some(unit) if unit > 0 && len >= unit => len / unit * unit,
+        _ => len,
     }
 }
 
@@ -681,7 +915,7 @@ mod tests {
                         rng: &mut op_rng,
                         got: Vec::new(),
                     };
-                    match buf.drain_whole_into(&mut dst, unit) {
+                    match buf.drain(&mut dst, None, unit) {
                         Drain::Gave(_) | Drain::WouldBlock | Drain::Empty => {}
                         other => panic!("seed {seed}: unexpected {other:?}"),
                     }
@@ -703,7 +937,8 @@ mod tests {
                     "seed {seed}: more on disk than charged"
                 );
                 assert!(
-                    buf.disk_charge() <= buf.file_backlog() + RESERVE_STEP + PUNCH_STEP + BLOCK,
+                    buf.disk_charge()
+                        <= buf.file_backlog() + RESERVE_STEP + largest_folio() + BLOCK,
                     "seed {seed}: charge {} for a backlog of {}",
                     buf.disk_charge(),
                     buf.file_backlog()
@@ -773,11 +1008,106 @@ mod tests {
         assert!(buf.spilled_total() > 30 << 20);
         if buf.can_punch {
             assert!(
-                max_alloc <= backlog + 2 * PUNCH_STEP + 2 * chunk.len() as u64,
+                max_alloc <= backlog + 2 * largest_folio() + 2 * chunk.len() as u64,
                 "disk use {max_alloc} tracks more than the backlog"
             );
         } else {
             eprintln!("this file system cannot punch holes; skipping the disk-use check");
+        }
+    }
+
+    /// `sendfile` hands the socket page-cache pages, not copies: they sit
+    /// in the send and (on loopback) the peer's receive queue until the
+    /// peer reads them. Here the reader lags by megabytes at random while
+    /// the file is drained into the socket, punched under a backlog that
+    /// never empties, emptied (truncated) and written again from offset 0,
+    /// in random cycles: every byte must arrive as it was sent. Punching
+    /// part of a large folio, truncating to the middle of a page, or
+    /// writing over an offset already sent would show up here as bytes
+    /// changed in flight (zeros, or newer data).
+    #[test]
+    fn bytes_sent_from_the_file_survive_punching_truncating_and_rewriting() {
+        use std::net::{TcpListener, TcpStream};
+        let (_dir, path) = temp_dir();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = listener.accept().unwrap();
+        tx.set_nonblocking(true).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let fd = tx.as_raw_fd();
+        let mut rng = Rng(0x5EED_F11E);
+        // Little memory, so nearly everything goes through the file.
+        let mut buf = SpillBuffer::new(1024, 1 << 30, path, unlimited());
+        let mut scratch = vec![0u8; 256 * 1024];
+        let total: u64 = 96 << 20;
+        let (mut sent, mut received) = (0u64, Vec::<u8>::with_capacity(total as usize));
+        let mut read_buf = vec![0u8; 1 << 20];
+        let byte = |i: u64| (i.wrapping_mul(0x9E37_79B9) >> 13) as u8;
+        let (mut truncations, mut punched_max) = (0, 0);
+        while (received.len() as u64) < total {
+            // Phases: a burst of filling, a burst of sending, a burst of
+            // reading; their sizes random, so the file empties sometimes
+            // and sometimes not for many megabytes.
+            match rng.below(3) {
+                0 if sent < total => {
+                    let want = (1 + rng.below(4 << 20)).min(total - sent) as usize;
+                    let bytes: Vec<u8> = (sent..sent + want as u64).map(byte).collect();
+                    let mut src = &bytes[..];
+                    while !src.is_empty() && buf.has_room() {
+                        match buf.fill_from(&mut src, &mut scratch) {
+                            Fill::Took(_) => {}
+                            other => panic!("fill: {other:?}"),
+                        }
+                    }
+                    sent += (want - src.len()) as u64;
+                }
+                1 => {
+                    for _ in 0..rng.below(64) {
+                        let was_on_disk = buf.file_backlog() > 0;
+                        match buf.drain(&mut tx, Some(fd), None) {
+                            Drain::Gave(_) => {}
+                            Drain::WouldBlock | Drain::Empty => break,
+                            other => panic!("drain: {other:?}"),
+                        }
+                        if was_on_disk && buf.file_backlog() == 0 {
+                            truncations += 1;
+                        }
+                        punched_max = punched_max.max(buf.punched);
+                    }
+                }
+                _ => {
+                    for _ in 0..rng.below(8) {
+                        match rx.read(&mut read_buf) {
+                            Ok(n) => received.extend_from_slice(&read_buf[..n]),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => panic!("read: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            buf.can_sendfile,
+            "sendfile was refused here: nothing tested"
+        );
+        let expected: Vec<u8> = (0..total).map(byte).collect();
+        if received != expected {
+            let at = received
+                .iter()
+                .zip(&expected)
+                .take_while(|(a, b)| a == b)
+                .count();
+            panic!(
+                "bytes changed in flight: first difference at {at} of {total} (got {}, expected {})",
+                received[at], expected[at]
+            );
+        }
+        assert!(
+            truncations >= 3,
+            "the file emptied only {truncations} times"
+        );
+        if buf.can_punch {
+            assert!(punched_max > 0, "never punched");
         }
     }
 

@@ -291,6 +291,7 @@ fn help_lists_every_flag() {
         "--idle-timeout",
         "--shutdown-timeout",
         "--workers",
+        "--spill-after",
         "--temp-dir",
         "--log-level",
         "--log-file",

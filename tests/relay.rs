@@ -1018,3 +1018,96 @@ fn bad_spill_after_is_refused() {
         );
     }
 }
+
+/// Spilled bytes reach the client straight from the spill file's page
+/// cache (`sendfile`): the client's socket then holds references to those
+/// pages until the client reads them. A backend sends 48MiB and a client
+/// reads it, paced so that megabytes sit unread in the client's receive
+/// queue while the file behind them is punched (a backlog that does not
+/// empty for a while), and truncated and written again from its start
+/// (bursts the proxy passes on whole, into a queue the client empties only
+/// every 20ms). Every byte must arrive as sent: a page changed while in
+/// flight shows as zeros or newer bytes.
+#[test]
+fn spilled_bytes_survive_a_bursty_backend_and_a_dawdling_client() {
+    const SIZE: usize = 48 * MIB;
+    const FIRST: usize = 32 * MIB;
+    let data = Arc::new(random_bytes(13, SIZE));
+    let (listener, backend_addr) = listen();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            assert_eq!(read_to_eof(&mut s, 4096), REQUEST, "request as sent");
+            s.set_write_timeout(Some(SECS_60)).expect("write timeout");
+            let mut rng = Rng::new(14);
+            let mut at = 0;
+            while at < SIZE {
+                // First megabyte bursts, now and then a pause long enough
+                // for the proxy to catch up; then small bursts, often.
+                let (burst, pause) = if at < FIRST {
+                    let pause = if rng.below(4) == 0 { 60 } else { rng.below(10) };
+                    (1 + rng.below(4 * MIB as u64) as usize, pause)
+                } else {
+                    (256 * KIB, 5)
+                };
+                let burst = burst.min(SIZE - at);
+                s.write_all(&data[at..at + burst]).expect("backend write");
+                at += burst;
+                thread::sleep(Duration::from_millis(pause));
+            }
+            shutdown_write(&s);
+        })
+    };
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--memory-buffer",
+        "16KiB",
+        "--spill-after",
+        "0ms",
+    ]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    send_and_shut(&mut client, REQUEST);
+    let mut rng = Rng::new(15);
+    let mut got = Vec::with_capacity(SIZE);
+    let mut buf = vec![0u8; MIB];
+    let deadline = Instant::now() + SECS_60;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {SIZE} bytes",
+            got.len()
+        );
+        // Uneven gulps with pauses; later, all there is every 20ms.
+        let late = got.len() >= FIRST;
+        client.set_nonblocking(late).expect("nonblocking");
+        let want = if late {
+            buf.len()
+        } else {
+            1 + rng.below(buf.len() as u64) as usize
+        };
+        match client.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if !late {
+                    thread::sleep(Duration::from_millis(rng.below(25)));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if late && e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("read after {} bytes: {}", got.len(), explain(&e)),
+        }
+    }
+    assert_bytes_eq("a bursty download read in gulps", &got, &data);
+    backend.join(SECS_10);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+    assert!(closed.down_spilled > SIZE as u64 / 4, "{}", closed.line);
+    eprintln!("{}", closed.line);
+    proxy.wait_no_spill_files(SECS_10);
+}
