@@ -247,14 +247,19 @@ impl Connection {
         match side {
             Side::Client => {
                 self.up.src_ready |= readable;
+                self.up.src_closing |= event.is_read_closed() || event.is_error();
                 self.down.dst_ready |= writable;
             }
             Side::Backend if !self.connected => {
                 self.connect_ready |= readable || writable;
+                // A backend that answers and closes at once: its FIN may
+                // come with the connect's event, and no later one.
+                self.down.src_closing |= event.is_read_closed() || event.is_error();
                 self.connect_writable |= event.is_writable();
             }
             Side::Backend => {
                 self.down.src_ready |= readable;
+                self.down.src_closing |= event.is_read_closed() || event.is_error();
                 self.up.dst_ready |= writable;
             }
         }

@@ -150,6 +150,9 @@ pub struct SpillBuffer {
     spill_limit: u64,
     temp_dir: Arc<Path>,
 
+    /// The last `fill` was a `read` that got fewer bytes than there was
+    /// room for: the sender had nothing more at that moment.
+    short_read: bool,
     /// Bytes ever written to the file, for the close summary.
     spilled_total: u64,
     /// Why the last attempt to get disk space failed, until one succeeds.
@@ -184,6 +187,7 @@ impl SpillBuffer {
             can_punch: true,
             spill_limit,
             temp_dir,
+            short_read: false,
             spilled_total: 0,
             blocked: None,
         }
@@ -254,6 +258,7 @@ impl SpillBuffer {
     /// into a pipe rather than read.
     pub fn fill<R: Read>(&mut self, src: &mut R, fd: Option<RawFd>, scratch: &mut [u8]) -> Fill {
         debug_assert!(self.has_room(), "fill called with no room");
+        self.short_read = false;
         if self.memory_room() > 0 {
             if let Some(fd) = fd.filter(|_| self.splice == Splice::Yes && self.mem_len == 0) {
                 if let Some(done) = self.splice_in(fd) {
@@ -268,6 +273,7 @@ impl SpillBuffer {
             let start = self.mem_head + self.mem_len;
             return match read_step(src, &mut self.mem[start..self.mem_limit]) {
                 Fill::Took(n) => {
+                    self.short_read = start + n < self.mem_limit;
                     self.mem_len += n;
                     if self.mem_len == self.mem_limit && self.splice == Splice::NotYet {
                         // The sender had a whole memory's worth waiting.
@@ -300,6 +306,7 @@ impl SpillBuffer {
         match read_step(src, &mut scratch[..want]) {
             Fill::Took(n) => match self.append_to_file(&scratch[..n]) {
                 Ok(()) => {
+                    self.short_read = n < want;
                     if self.splice == Splice::NotYet {
                         self.splice = Splice::Yes;
                     }
@@ -504,6 +511,13 @@ impl SpillBuffer {
         self.pipe = None;
         self.close_file();
         dropped
+    }
+
+    /// Did the last `fill` read fewer bytes than it had room for? From a
+    /// stream socket, that means its receive queue was empty after the
+    /// read (see `relay::Sender::short_read_drains`).
+    pub fn last_read_was_short(&self) -> bool {
+        self.short_read
     }
 
     /// Memory is full and the file has room: the next byte needs disk.
