@@ -430,6 +430,9 @@ impl Connection {
         let moved_before = self.bytes_moved();
         let delivered_before = self.down.bytes_out;
         let backend = self.backend.as_ref().filter(|_| self.connected);
+        // A socket whose peer has ended its stream cleanly is closed as
+        // soon as our stream into it ends (`close_finished_sockets`).
+        self.up.receiver_closing = matches!(self.down.flow, Flow::Draining | Flow::Closed);
         let up = pump(&mut self.up, self.client.as_ref(), backend, ctx.scratch);
         let up_busy = matches!(up, Pumped::MoreWork);
         // A failure is judged before the other direction touches the same
@@ -438,6 +441,7 @@ impl Connection {
         // clean EOF and pass on as one.
         self.handle_failure(up, (Side::Client, Side::Backend));
         let backend = self.backend.as_ref().filter(|_| self.connected);
+        self.down.receiver_closing = matches!(self.up.flow, Flow::Draining | Flow::Closed);
         let down = pump(&mut self.down, backend, self.client.as_ref(), ctx.scratch);
         let busy = up_busy || matches!(down, Pumped::MoreWork);
         self.handle_failure(down, (Side::Backend, Side::Client));

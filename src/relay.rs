@@ -157,6 +157,10 @@ pub struct Direction {
     /// The receiver may take bytes; set by a writable event, cleared by
     /// `WouldBlock`.
     pub dst_ready: bool,
+    /// The receiver's socket will be closed as soon as this direction is
+    /// done (it has sent its own EOF already): passing our EOF on needs no
+    /// `shutdown`. Set by the connection before each pump.
+    pub receiver_closing: bool,
     /// Bytes taken from the sender.
     pub bytes_in: u64,
     /// Bytes handed to the receiver.
@@ -208,6 +212,7 @@ impl Direction {
             flow: Flow::Open,
             src_ready: false,
             src_closing: false,
+            receiver_closing: false,
             dst_ready: false,
             bytes_in: 0,
             bytes_out: 0,
@@ -315,11 +320,14 @@ pub fn pump<R: Sender, W: Receiver>(
             // segments and let the remainder go with the next read's
             // bytes; once it has not (or has ended), write everything.
             let more_coming = dir.flow == Flow::Open && dir.src_ready;
-            if dir.segment_ttl == 0 {
-                dir.segment = dst.segment_size();
-                dir.segment_ttl = SEGMENT_TTL;
+            // Asked only when it matters: a small exchange never needs it.
+            if more_coming && !dir.buf.is_empty() {
+                if dir.segment_ttl == 0 {
+                    dir.segment = dst.segment_size();
+                    dir.segment_ttl = SEGMENT_TTL;
+                }
+                dir.segment_ttl -= 1;
             }
-            dir.segment_ttl -= 1;
             let unit = dir.segment.filter(|_| more_coming);
             match dir.buf.drain(dst, dst.fd(), unit) {
                 Drain::Gave(n) => {
@@ -334,6 +342,12 @@ pub fn pump<R: Sender, W: Receiver>(
         }
         if dir.flow == Flow::Draining && dir.buf.is_empty() {
             if let Some(dst) = dst.as_mut() {
+                if dir.receiver_closing {
+                    // Its socket is closed right after this turn, and the
+                    // close sends the FIN: a shutdown first is a wasted call.
+                    dir.flow = Flow::Closed;
+                    return Pumped::Idle;
+                }
                 return match dst.close_write() {
                     Ok(()) => {
                         dir.flow = Flow::Closed;
