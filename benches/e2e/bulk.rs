@@ -1,0 +1,150 @@
+//! **bulk**: one connection, 1GiB backend->client as fast as it goes.
+//!
+//! Figures: MB/s of the body, the proxy's CPU-seconds per GiB (all its
+//! processes, from /proc), and what it wrote to disk. Every proxy runs one
+//! worker. The client reads as fast as it can, but the backend writes
+//! faster still, so a proxy that spills (spillway, nginx http) spills much
+//! of the body, and one that does not (nginx stream, HAProxy) stops
+//! reading instead: the table shows the price of the spill.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::Options;
+use crate::backend::{self, HttpBackend, Pace};
+use crate::peers::{self, Logs, Peer};
+use crate::report::{Table, median, median_bytes, mib, problems_note, ratio};
+
+const BYTES: u64 = 1 << 30;
+const SMOKE_BYTES: u64 = 64 << 20;
+
+/// Bound on one transfer: 1GiB at 10MB/s, far below any real figure.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+struct Row {
+    label: String,
+    peer: Option<Peer>,
+    skipped: Option<String>,
+    mb_per_s: Vec<f64>,
+    cpu_per_gib: Vec<f64>,
+    spilled: Vec<u64>,
+    problems: Vec<String>,
+}
+
+/// Run the bulk workload, print its table; the checks that failed.
+pub fn run(opts: &Options, work: &Path) -> Vec<String> {
+    let bytes = if opts.smoke { SMOKE_BYTES } else { BYTES };
+    let backend = HttpBackend::start(bytes, None);
+    let mut rows: Vec<Row> = std::iter::once(None)
+        .chain(peers::ALL.into_iter().map(Some))
+        .map(|peer| Row {
+            label: peer.map_or("direct (no proxy)".into(), |p| p.label(1)),
+            peer,
+            skipped: None,
+            mb_per_s: Vec::new(),
+            cpu_per_gib: Vec::new(),
+            spilled: Vec::new(),
+            problems: Vec::new(),
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for run in 0..opts.runs {
+        for row in rows.iter_mut().filter(|r| r.skipped.is_none()) {
+            if let Err(e) = one(row, run as u64, bytes, backend.addr, work) {
+                failures.push(format!("bulk, {}, run {}: {e}", row.label, run + 1));
+            }
+        }
+    }
+    print(opts, bytes, &rows);
+    failures
+}
+
+/// One transfer through `row`'s proxy (started for it, stopped after).
+fn one(row: &mut Row, id: u64, bytes: u64, backend: SocketAddr, work: &Path) -> Result<(), String> {
+    let proxy = match row.peer {
+        None => None,
+        Some(peer) => match peer.start(backend, 1, Logs::PerConnection, work) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                row.skipped = Some(why);
+                return Ok(());
+            }
+        },
+    };
+    let addr = proxy.as_ref().map_or(backend, |p| p.addr);
+    let cpu_before = proxy.as_ref().map(|p| p.cpu_seconds());
+    let fetched = backend::fetch(
+        addr,
+        "bulk",
+        id,
+        bytes,
+        Pace::Fast,
+        None,
+        Instant::now() + DEADLINE,
+    );
+    let cpu = proxy
+        .as_ref()
+        .zip(cpu_before)
+        .map(|(p, before)| p.cpu_seconds() - before);
+    if let Some(p) = proxy {
+        let finished = p.finish();
+        row.spilled.extend(finished.spilled);
+        row.problems.extend(finished.problems);
+    }
+    let fetched = fetched?;
+    row.mb_per_s
+        .push(fetched.body_bytes as f64 / fetched.took.as_secs_f64() / 1e6);
+    if let Some(cpu) = cpu {
+        row.cpu_per_gib
+            .push(cpu / (fetched.body_bytes as f64 / (1u64 << 30) as f64));
+    }
+    Ok(())
+}
+
+fn print(opts: &Options, bytes: u64, rows: &[Row]) {
+    let speed = |r: &Row| (!r.mb_per_s.is_empty()).then(|| median(&r.mb_per_s));
+    let direct = rows.first().and_then(speed);
+    let best_tcp = rows
+        .iter()
+        .filter(|r| r.peer.is_some_and(|p| peers::TCP_PEERS.contains(&p)))
+        .filter_map(speed)
+        .reduce(f64::max);
+    let mut table = Table::new(
+        format!(
+            "bulk: one connection, {} MiB backend->client, 1 worker, median of {} run(s)",
+            bytes >> 20,
+            opts.runs
+        ),
+        &[
+            "",
+            "MB/s",
+            "x direct",
+            "x best TCP peer",
+            "CPU s per GiB",
+            "spilled MiB",
+        ],
+    );
+    for row in rows {
+        if let Some(why) = &row.skipped {
+            table.note(format!("skipped {}: {why}", row.label));
+            continue;
+        }
+        let mbs = speed(row);
+        table.row(vec![
+            row.label.clone(),
+            mbs.map_or("-".into(), |v| format!("{v:.0}")),
+            ratio(mbs, direct),
+            ratio(mbs, best_tcp),
+            if row.cpu_per_gib.is_empty() {
+                "-".into()
+            } else {
+                format!("{:.2}", median(&row.cpu_per_gib))
+            },
+            median_bytes(&row.spilled).map_or("-".into(), mib),
+        ]);
+        table.notes_extend(problems_note(&row.label, &row.problems));
+    }
+    table.note("x best TCP peer: against the faster of nginx stream and HAProxy tcp");
+    table.print();
+}

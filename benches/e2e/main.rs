@@ -1,0 +1,177 @@
+//! End-to-end benchmark: the same work through a direct connection,
+//! spillway, and — when installed — nginx `stream`, nginx `http` with
+//! proxy buffering, and HAProxy `mode tcp`, side by side in one run: one
+//! table per workload, quoted as ratios between rows of that table.
+//!
+//! ```sh
+//! apt-get install -y nginx libnginx-mod-stream haproxy wrk  # peers; skipped if absent
+//! cargo bench --bench e2e                       # every workload, median of 3 runs: ~8 minutes
+//! cargo bench --bench e2e -- --only slow        # one workload: bulk, rps or slow
+//! cargo bench --bench e2e -- --smoke            # seconds, for CI: checks it works
+//! ```
+//!
+//! Workloads (each module says what it measures and why):
+//! - [`bulk`]: one connection, 1GiB backend->client as fast as it goes;
+//! - [`rps`]: many short HTTP/1.1 exchanges driven by `wrk`, keep-alive and
+//!   a connection per request, at one worker and at one per core;
+//! - [`slow`]: 100 clients reading 8MiB each at 1MiB/s: how long the
+//!   backend is held, what the proxy holds in memory and on disk.
+//!
+//! Runs are interleaved (run 1 of every row, then run 2, ...) so a noisy
+//! minute on a shared machine spreads over the rows instead of sinking one,
+//! and every proxy is started afresh for each run. Smoke mode checks that
+//! every byte arrived and no request failed, and exits non-zero if not; no
+//! mode ever asserts on a timing.
+
+mod backend;
+mod bulk;
+mod peers;
+mod process;
+mod report;
+mod rps;
+mod slow;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo bench --bench e2e -- [--smoke] [--only bulk|rps|slow]";
+
+/// Runs per figure in full mode; the figure is their median.
+const RUNS: usize = 3;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    Bulk,
+    Rps,
+    Slow,
+}
+
+impl Workload {
+    fn parse(s: &str) -> Result<Workload, String> {
+        match s {
+            "bulk" => Ok(Workload::Bulk),
+            "rps" => Ok(Workload::Rps),
+            "slow" => Ok(Workload::Slow),
+            _ => Err(format!("--only {s}: expected bulk, rps or slow")),
+        }
+    }
+}
+
+pub struct Options {
+    /// Small sizes, one run, and a non-zero exit on any wrong byte or
+    /// failed request: what CI runs.
+    pub smoke: bool,
+    pub runs: usize,
+    only: Option<Workload>,
+}
+
+impl Options {
+    fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+        let mut smoke = false;
+        let mut only = None;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--smoke" => smoke = true,
+                "--only" => {
+                    let value = args.next().ok_or("--only needs bulk, rps or slow")?;
+                    only = Some(Workload::parse(&value)?);
+                }
+                // `cargo bench` passes this to every bench binary.
+                "--bench" => {}
+                other => match other.strip_prefix("--only=") {
+                    Some(value) => only = Some(Workload::parse(value)?),
+                    None => return Err(format!("unknown argument {other:?}")),
+                },
+            }
+        }
+        Ok(Options {
+            smoke,
+            runs: if smoke { 1 } else { RUNS },
+            only,
+        })
+    }
+
+    fn wants(&self, w: Workload) -> bool {
+        self.only.is_none_or(|o| o == w)
+    }
+}
+
+fn main() -> ExitCode {
+    let opts = match Options::parse(std::env::args().skip(1)) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("e2e: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut work = WorkDir::create();
+    println!(
+        "e2e: {} mode, median of {} run(s), {} core(s), load average {}, work dir {}",
+        if opts.smoke { "smoke" } else { "full" },
+        opts.runs,
+        peers::cores(),
+        fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        work.path().display()
+    );
+    println!("{}", peers::spillway_workers_note());
+
+    let mut failures = Vec::new();
+    if opts.wants(Workload::Bulk) {
+        failures.extend(bulk::run(&opts, work.path()));
+    }
+    if opts.wants(Workload::Rps) {
+        failures.extend(rps::run(&opts, work.path()));
+    }
+    if opts.wants(Workload::Slow) {
+        failures.extend(slow::run(&opts, work.path()));
+    }
+
+    if failures.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    // Keep the configs and logs of a failed run for whoever reads this.
+    work.keep = true;
+    eprintln!(
+        "\ne2e: {} check(s) failed (configs and logs kept in {}):",
+        failures.len(),
+        work.path().display()
+    );
+    for f in &failures {
+        eprintln!("  - {f}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The directory every run writes its configs, logs and temp files into;
+/// removed at the end, even after a panic, unless a check failed.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn create() -> WorkDir {
+        let path = std::env::temp_dir().join(format!("spillway-e2e-{}", std::process::id()));
+        fs::create_dir_all(&path).expect("create the work dir");
+        WorkDir { path, keep: false }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
