@@ -141,6 +141,14 @@ struct Backend {
     state: AtomicU64,
 }
 
+/// What `Pool::pick_claiming` chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Picked {
+    pub idx: usize,
+    /// The backend was down and this connection is its one trial.
+    pub trial: bool,
+}
+
 /// The pool is shared by every worker thread; all of its state is atomics.
 pub struct Pool {
     backends: Vec<Backend>,
@@ -203,39 +211,45 @@ impl Pool {
     /// `None` when every backend has been tried. The choice is counted as
     /// an active connection until `release`.
     pub fn pick(&self, now: Instant, tried: &[usize]) -> Option<usize> {
+        self.pick_claiming(now, tried).map(|p| p.idx)
+    }
+
+    /// `pick`, saying also whether the connection owns the backend's trial
+    /// (then it, and only it, may call `abandoned`).
+    pub fn pick_claiming(&self, now: Instant, tried: &[usize]) -> Option<Picked> {
         let now = self.millis(now);
         let n = self.backends.len();
         let untried = |i: usize| !tried.contains(&i);
+        let take = |i: usize| self.claim(i, now).map(|trial| Picked { idx: i, trial });
         let chosen = match self.strategy {
             Strategy::RoundRobin => self.round_robin(now, &untried),
             // Another worker may claim a trial between the look and the
             // claim: then look again (each failed claim means a backend
             // left the eligible set, so n + 1 looks suffice).
-            Strategy::LeastConn => (0..=n).find_map(|_| {
-                let i = self.least_conn(now, &untried)?;
-                self.claim(i, now).then_some(i)
-            }),
-            Strategy::Random2 => (0..=n).find_map(|_| {
-                let i = self.random2(now, &untried)?;
-                self.claim(i, now).then_some(i)
-            }),
+            Strategy::LeastConn => (0..=n).find_map(|_| take(self.least_conn(now, &untried)?)),
+            Strategy::Random2 => (0..=n).find_map(|_| take(self.random2(now, &untried)?)),
         };
-        let idx = match chosen {
-            Some(i) => i,
-            // Everything left is down: try it anyway, soonest-back first.
+        let picked = match chosen {
+            Some(p) => p,
+            // Nothing left is eligible: try one anyway. An up one first (a
+            // race with another worker can get here), then the one down that
+            // comes back soonest; one on trial last.
             None => {
-                let i = (0..n).filter(|&i| untried(i)).min_by_key(|&i| {
+                let idx = (0..n).filter(|&i| untried(i)).min_by_key(|&i| {
                     match self.state(i).standing {
-                        Standing::Down { until } => until,
-                        _ => now,
+                        Standing::Up => 0,
+                        Standing::Down { until } => until.saturating_add(1),
+                        Standing::Trial => u64::MAX,
                     }
                 })?;
-                self.claim(i, u64::MAX);
-                i
+                let trial = self.claim(idx, u64::MAX) == Some(true);
+                Picked { idx, trial }
             }
         };
-        self.backends[idx].active.fetch_add(1, Ordering::Relaxed);
-        Some(idx)
+        self.backends[picked.idx]
+            .active
+            .fetch_add(1, Ordering::Relaxed);
+        Some(picked)
     }
 
     /// A connection chosen by `pick` no longer holds `idx`.
@@ -312,9 +326,9 @@ impl Pool {
     }
 
     /// A health check wants to decide for `idx`: true if it may (the
-    /// backend is down and no trial is under way).
+    /// backend is down and no trial is under way); it then owns the trial.
     pub fn start_trial(&self, idx: usize) -> bool {
-        self.claim(idx, u64::MAX) && !self.is_up(idx)
+        self.claim(idx, u64::MAX) == Some(true)
     }
 
     /// Backends whose down time is over and that have no trial under way:
@@ -348,8 +362,9 @@ impl Pool {
     }
 
     /// Take `idx` for a connection: an up backend always, a down one whose
-    /// time is over (by `now`) only as its one trial.
-    fn claim(&self, idx: usize, now: u64) -> bool {
+    /// time is over (by `now`) only as its one trial. `None` if it may not
+    /// be taken; `Some(true)` if this caller now owns its trial.
+    fn claim(&self, idx: usize, now: u64) -> Option<bool> {
         let old = self.update(idx, |s| match s.standing {
             Standing::Down { until } if now >= until => Some(State {
                 standing: Standing::Trial,
@@ -358,9 +373,9 @@ impl Pool {
             _ => None,
         });
         match old.standing {
-            Standing::Up => true,
-            Standing::Down { until } => now >= until,
-            Standing::Trial => false,
+            Standing::Up => Some(false),
+            Standing::Down { until } => (now >= until).then_some(true),
+            Standing::Trial => None,
         }
     }
 
@@ -376,17 +391,32 @@ impl Pool {
     }
 
     /// The next backend in the smooth order that this connection may use,
-    /// stepping over those that are out. Within one period every backend
-    /// comes up, so one period of steps is enough.
-    fn round_robin(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<usize> {
-        for _ in 0..self.order.len() {
-            let at = self.cursor.fetch_add(1, Ordering::Relaxed) % self.order.len();
+    /// stepping over those that are out (each step taken from the shared
+    /// cursor, so a backend that is out does not send its share to the one
+    /// after it). Other workers take steps meanwhile, so one period of
+    /// steps may miss every usable backend: then one more period is looked
+    /// through without taking steps.
+    fn round_robin(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<Picked> {
+        let len = self.order.len();
+        let usable = |i: usize| untried(i) && self.eligible(i, now);
+        let mut at = 0;
+        for _ in 0..len {
+            at = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
             let i = self.order[at];
-            if untried(i) && self.eligible(i, now) && self.claim(i, now) {
-                return Some(i);
+            if usable(i) {
+                if let Some(trial) = self.claim(i, now) {
+                    return Some(Picked { idx: i, trial });
+                }
             }
         }
-        None
+        (1..=len).find_map(|k| {
+            let i = self.order[(at + k) % len];
+            if !usable(i) {
+                return None;
+            }
+            let trial = self.claim(i, now)?;
+            Some(Picked { idx: i, trial })
+        })
     }
 
     /// Fewest active connections per weight; ties go round the pool.
@@ -638,6 +668,26 @@ mod tests {
         }
         tried.sort();
         assert_eq!(tried, [0, 1, 2]);
+    }
+
+    /// Exactly one connection owns a returning backend's trial, and knows
+    /// it: only the owner may hand it back.
+    #[test]
+    fn one_pick_owns_the_trial() {
+        let p = pool(&[1, 1], Strategy::RoundRobin);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            p.failed(0, t0, "refused");
+        }
+        let t1 = t0 + Duration::from_secs(11);
+        let picks: Vec<Picked> = (0..4).map(|_| p.pick_claiming(t1, &[]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|p| p.trial).count(), 1, "{picks:?}");
+        assert!(picks.iter().all(|p| p.trial == (p.idx == 0)), "{picks:?}");
+        assert!(!p.start_trial(0), "a health check may not take it too");
+        // With the up backend tried already, the one on trial is still
+        // offered rather than nothing, but not as a second trial.
+        let last = p.pick_claiming(t1, &[1]).unwrap();
+        assert_eq!((last.idx, last.trial), (0, false));
     }
 
     #[test]

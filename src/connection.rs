@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::balancer::Pool;
+use crate::balancer::{Picked, Pool};
 use crate::config::show_size;
 use crate::disk::DiskBudget;
 use crate::relay::{Culprit, Direction, Flow, Pumped, pump};
@@ -97,6 +97,9 @@ pub struct Connection {
     /// The backend being tried or used, as an index into the pool, and its
     /// address (kept after close, for the summary).
     backend_idx: Option<usize>,
+    /// That backend was down and this connection is its one trial: only
+    /// then may leaving early hand the trial back (`Pool::abandoned`).
+    backend_trial: bool,
     backend_addr: Option<SocketAddr>,
     /// The backend's non-blocking connect has completed.
     connected: bool,
@@ -206,6 +209,7 @@ impl Connection {
             backend: None,
             backend_token: tokens.1,
             backend_idx: None,
+            backend_trial: false,
             backend_addr: None,
             connected: false,
             connect_ready: false,
@@ -278,17 +282,18 @@ impl Connection {
     fn connect_next(&mut self, ctx: &mut Ctx) {
         loop {
             let next = if self.tried.len() < ctx.max_attempts {
-                ctx.pool.pick(Instant::now(), &self.tried)
+                ctx.pool.pick_claiming(Instant::now(), &self.tried)
             } else {
                 None
             };
-            let Some(idx) = next else {
+            let Some(Picked { idx, trial }) = next else {
                 self.give_up();
                 return;
             };
             self.tried.push(idx);
             let addr = ctx.pool.addr(idx);
             self.backend_idx = Some(idx);
+            self.backend_trial = trial;
             self.backend_addr = Some(addr);
             self.attempt += 1;
             // Events noted for an earlier attempt's socket (same token) say
@@ -318,7 +323,9 @@ impl Connection {
                     // The client waits (its bytes buffered) and we try again
                     // shortly, when connections may have freed fds.
                     self.tried.pop();
-                    ctx.pool.abandoned(idx, Instant::now());
+                    if self.backend_trial {
+                        ctx.pool.abandoned(idx, Instant::now());
+                    }
                     ctx.pool.release(idx);
                     self.backend_idx = None;
                     log::warn!(
@@ -631,7 +638,7 @@ impl Connection {
                 close(backend, reset);
                 self.backend_held = self.backend_connected_at.map(|t| t.elapsed());
                 if let Some(idx) = self.backend_idx.take() {
-                    if !self.connected {
+                    if !self.connected && self.backend_trial {
                         ctx.pool.abandoned(idx, Instant::now());
                     }
                     ctx.pool.release(idx);

@@ -90,7 +90,9 @@ impl HealthChecks {
                 // Out of fds: our shortage, not the backend's failure.
                 Err(e) if is_out_of_resources(&e) => {
                     log::debug!("health check of {addr} skipped: {e}");
-                    pool.abandoned(idx, now);
+                    if trial {
+                        pool.abandoned(idx, now);
+                    }
                 }
                 Err(e) => {
                     pool.failed(idx, now, &format!("health check: {e}"));

@@ -82,12 +82,19 @@ impl Shared {
 
     /// Take a place under `--max-connections` for a client about to be
     /// accepted. False (and a WARN, once per episode) at the limit.
+    /// Compare-and-swap, never add-then-undo: a count that went over the
+    /// limit even for a moment could make another worker see the limit
+    /// reached when it was not, and pause with no one left to wake it.
     pub fn reserve_connection(&self) -> bool {
         let max = self.config.max_connections;
-        if self.open.fetch_add(1, Ordering::AcqRel) < max {
+        let reserved = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if reserved.is_ok() {
             return true;
         }
-        self.open.fetch_sub(1, Ordering::AcqRel);
         if !self.limit_logged.swap(true, Ordering::AcqRel) {
             log::warn!("--max-connections {max} reached: new clients wait in the listen backlog");
         }
@@ -311,10 +318,27 @@ impl Proxy {
         for worker in std::mem::take(&mut self.workers) {
             let name = format!("spillway-w{}", worker.index());
             let finished = Finished(self.shared.clone());
-            threads.push(thread::Builder::new().name(name).spawn(move || {
+            let shared = self.shared.clone();
+            let spawned = thread::Builder::new().name(name).spawn(move || {
                 let _finished = finished;
-                worker.run()
-            })?);
+                let outcome = worker.run();
+                if outcome.is_err() {
+                    // One worker short, the process cannot keep its
+                    // promises (a drain would never complete): stop all.
+                    shared.stop_all();
+                }
+                outcome
+            });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    self.shared.stop_all();
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
+                    return Err(e);
+                }
+            }
         }
         let mut events = Events::with_capacity(8);
         let mut stop_logged = false;

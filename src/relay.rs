@@ -287,6 +287,9 @@ impl Direction {
     pub fn abort(&mut self) {
         if !self.dst_done() {
             self.bytes_dropped += self.buf.discard();
+            // A sender whose EOF was read has nothing more to send: no
+            // lingering for it.
+            self.sender_gone |= self.flow == Flow::Draining;
             self.flow = Flow::Aborted;
         }
     }
