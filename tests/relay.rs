@@ -913,16 +913,23 @@ fn bulk_backend(data: Arc<Vec<u8>>) -> (SocketAddr, mpsc::Receiver<Instant>, Bg<
 
 /// A client that reads as fast as it can, but for a pause of 1ms every
 /// 4MiB, gets a bulk download through memory alone: when memory fills, the
-/// proxy pauses the backend for `--spill-after` (5ms) instead of spilling,
-/// and the client catches up well before that. A proxy that spills as soon
-/// as memory is full sends most of the 64MiB through the disk here: after
-/// the first pause, order keeps everything behind the file. (Hiccups of a
-/// loaded machine may spill a little: the bound is loose.)
+/// proxy pauses the backend for `--spill-after` instead of spilling, and
+/// the client catches up well before that. A proxy that spills as soon as
+/// memory is full sends most of the 64MiB through the disk here: after the
+/// first pause, order keeps everything behind the file. The test runs with
+/// `--spill-after 100ms`, not the 5ms default: on a loaded 2-core machine
+/// the reading thread can be off the CPU for longer than 5ms, and then even
+/// a client that keeps up spills (a CI run saw 40 of 64MiB spilled).
 #[test]
 fn a_client_that_keeps_up_gets_a_bulk_download_without_spilling() {
     let data = Arc::new(random_bytes(11, BIG));
     let (backend_addr, _done, backend) = bulk_backend(data.clone());
-    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--spill-after",
+        "100ms",
+    ]);
     let mut client = connect(proxy.addr);
     let client_addr = client.local_addr().unwrap();
     send_and_shut(&mut client, REQUEST);
