@@ -407,8 +407,7 @@ impl Proxy {
         let open = self.shared.open_connections();
         if self.shared.shutdown_deadline().is_some() {
             log::warn!("received {name} again: exiting now, cutting {open} connection(s)");
-            self.shared.stop.store(true, Ordering::Release);
-            self.shared.wake_workers();
+            self.shared.stop_all();
             return;
         }
         let timeout = self.shared.config.shutdown_timeout;
@@ -427,8 +426,7 @@ struct Finished(Arc<Shared>);
 impl Drop for Finished {
     fn drop(&mut self) {
         if thread::panicking() {
-            self.0.stop.store(true, Ordering::Release);
-            self.0.wake_workers();
+            self.0.stop_all();
         }
         self.0.finished.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.0.supervisor.wake() {
