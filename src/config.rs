@@ -120,11 +120,12 @@ impl std::error::Error for ConfigError {}
 
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let refuse = |flag, problem| Err(ConfigError { flag, problem });
         if self.backends.is_empty() {
-            return Err(ConfigError {
-                flag: "--backend",
-                problem: "at least one backend is needed, e.g. --backend 127.0.0.1:9000".into(),
-            });
+            return refuse(
+                "--backend",
+                "at least one backend is needed, e.g. --backend 127.0.0.1:9000".into(),
+            );
         }
         let positive = [
             ("--connect-timeout", self.connect_timeout),
@@ -134,62 +135,56 @@ impl Config {
         ];
         for (flag, d) in positive {
             if d.is_zero() {
-                return Err(ConfigError {
-                    flag,
-                    problem: "must be above zero, e.g. 500ms or 5s".into(),
-                });
+                return refuse(flag, "must be above zero, e.g. 500ms or 5s".into());
             }
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
-            return Err(ConfigError {
-                flag: "--workers",
-                problem: format!(
+            return refuse(
+                "--workers",
+                format!(
                     "{} is out of range: expected 1 to {MAX_WORKERS}, e.g. --workers 4",
                     self.workers
                 ),
-            });
+            );
         }
         if self.max_connections == 0 {
-            return Err(ConfigError {
-                flag: "--max-connections",
-                problem: "must be at least 1".into(),
-            });
+            return refuse("--max-connections", "must be at least 1".into());
         }
         if !(1..=MAX_MAX_FAILS).contains(&self.max_fails) {
-            return Err(ConfigError {
-                flag: "--max-fails",
-                problem: format!(
+            return refuse(
+                "--max-fails",
+                format!(
                     "{} is out of range: expected 1 to {MAX_MAX_FAILS}",
                     self.max_fails
                 ),
-            });
+            );
         }
         if !(MIN_MEMORY_BUFFER..=MAX_MEMORY_BUFFER).contains(&self.memory_buffer) {
-            return Err(ConfigError {
-                flag: "--memory-buffer",
-                problem: format!(
+            return refuse(
+                "--memory-buffer",
+                format!(
                     "{} is out of range: expected a size from 1KiB to 1GiB, e.g. 64KiB",
                     self.memory_buffer
                 ),
-            });
+            );
         }
         if self.spill_after > MAX_SPILL_AFTER {
-            return Err(ConfigError {
-                flag: "--spill-after",
-                problem: format!(
+            return refuse(
+                "--spill-after",
+                format!(
                     "{:?} is too long: expected at most 1s, e.g. 5ms (0ms spills at once)",
                     self.spill_after
                 ),
-            });
+            );
         }
         if let Err(e) = crate::spill::check_temp_dir(&self.temp_dir) {
-            return Err(ConfigError {
-                flag: "--temp-dir",
-                problem: format!(
+            return refuse(
+                "--temp-dir",
+                format!(
                     "{} cannot hold spill files: {e}; expected a writable directory",
                     self.temp_dir.display()
                 ),
-            });
+            );
         }
         Ok(())
     }
