@@ -531,6 +531,14 @@ mod tests {
         Pool::new(&specs, strategy, policy, 42)
     }
 
+    /// `--max-fails` (3) failed connects in a row: `idx` goes down at `at`.
+    fn take_down(p: &Pool, idx: usize, at: Instant) {
+        for _ in 0..3 {
+            p.failed(idx, at, "refused");
+        }
+        assert!(!p.is_up(idx));
+    }
+
     /// Every prefix of the sequence is within one of its ideal share.
     fn assert_smooth(seq: &[usize], weights: &[u32]) {
         let total: u32 = weights.iter().sum();
@@ -630,9 +638,7 @@ mod tests {
     fn an_abandoned_trial_lets_the_next_one_decide() {
         let p = pool(&[1, 1], Strategy::RoundRobin);
         let t0 = Instant::now();
-        for _ in 0..3 {
-            p.failed(0, t0, "refused");
-        }
+        take_down(&p, 0, t0);
         let t1 = t0 + Duration::from_secs(11);
         let trial = (0..2).map(|_| p.pick(t1, &[]).unwrap()).find(|&i| i == 0);
         assert_eq!(trial, Some(0));
@@ -645,9 +651,7 @@ mod tests {
     fn backoff_is_capped() {
         let p = pool(&[1], Strategy::RoundRobin);
         let mut now = Instant::now();
-        for _ in 0..3 {
-            p.failed(0, now, "refused");
-        }
+        take_down(&p, 0, now);
         let mut last = Duration::ZERO;
         for _ in 0..20 {
             now += MAX_FAIL_TIMEOUT;
@@ -676,9 +680,7 @@ mod tests {
     fn one_pick_owns_the_trial() {
         let p = pool(&[1, 1], Strategy::RoundRobin);
         let t0 = Instant::now();
-        for _ in 0..3 {
-            p.failed(0, t0, "refused");
-        }
+        take_down(&p, 0, t0);
         let t1 = t0 + Duration::from_secs(11);
         let picks: Vec<Picked> = (0..4).map(|_| p.pick_claiming(t1, &[]).unwrap()).collect();
         assert_eq!(picks.iter().filter(|p| p.trial).count(), 1, "{picks:?}");

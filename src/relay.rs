@@ -506,23 +506,6 @@ mod tests {
         assert_eq!((dir.bytes_in, dir.bytes_out), (1000, 1000));
     }
 
-    /// A sender with `left` bytes to give, then nothing for now (no EOF).
-    struct Open {
-        left: usize,
-    }
-    impl Sender for Open {}
-    impl Read for Open {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.left == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(self.left);
-            buf[..n].fill(3);
-            self.left -= n;
-            Ok(n)
-        }
-    }
-
     /// Like a TCP socket: a read that returns less than asked has emptied
     /// it. `then_eof`: after its bytes, the next read says EOF.
     struct Socketish<'a> {
@@ -586,7 +569,7 @@ mod tests {
     #[test]
     fn a_fast_receiver_does_not_starve_the_sender() {
         let (_tmp, mut dir) = direction(64 * 1024, 1 << 30);
-        let mut src = Open { left: 8 << 20 };
+        let mut src = Chunks::whole(8 << 20);
         let mut rx = Window {
             got: Vec::new(),
             window: 0,
@@ -676,7 +659,7 @@ mod tests {
         let (_tmp, dir) = direction(100, 1 << 20);
         let after = Duration::from_secs(60);
         let mut dir = dir.with_spill_after(after);
-        let mut src = Open { left: 100_000 };
+        let mut src = Chunks::whole(100_000);
         let mut rx = Window {
             got: Vec::new(),
             window: 0,
@@ -725,6 +708,16 @@ mod tests {
         next: u8,
         left: usize,
         chunk: usize,
+    }
+    impl Chunks {
+        /// `left` bytes, as much per read as asked for.
+        fn whole(left: usize) -> Chunks {
+            Chunks {
+                next: 0,
+                left,
+                chunk: usize::MAX,
+            }
+        }
     }
     impl Sender for Chunks {}
     impl Read for Chunks {

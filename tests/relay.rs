@@ -606,28 +606,22 @@ fn refused_backend_closes_the_client_and_proxy_stays_up() {
         warn.contains(&client_addr.to_string()),
         "names the client too: {warn}"
     );
-    let closed = proxy.wait_for_close(client_addr, SECS_10);
-    assert!(
-        closed.reason.starts_with("no backend reached")
-            && closed
-                .reason
-                .contains(&format!("{dead} (connection refused)")),
-        "{}",
-        closed.line
-    );
+    let assert_refused = |closed: Closed| {
+        assert!(
+            closed.reason.starts_with("no backend reached")
+                && closed
+                    .reason
+                    .contains(&format!("{dead} (connection refused)")),
+            "{}",
+            closed.line
+        );
+    };
+    assert_refused(proxy.wait_for_close(client_addr, SECS_10));
 
     // Still accepting: a second client is taken, and closed the same way.
     proxy.assert_running();
     let again = expect_closed_promptly(proxy.addr, Duration::from_secs(5));
-    let closed = proxy.wait_for_close(again, SECS_10);
-    assert!(
-        closed.reason.starts_with("no backend reached")
-            && closed
-                .reason
-                .contains(&format!("{dead} (connection refused)")),
-        "{}",
-        closed.line
-    );
+    assert_refused(proxy.wait_for_close(again, SECS_10));
     proxy.assert_running();
 }
 

@@ -110,24 +110,22 @@ pub struct Closed {
 
 impl Closed {
     pub fn parse(line: &str) -> Closed {
-        let field = |key: &str| -> u64 {
+        let raw = |key: &str| -> &str {
             let needle = format!(" {key}=");
             let start = line
                 .find(&needle)
                 .unwrap_or_else(|| panic!("no {key}= in close line: {line}"))
                 + needle.len();
-            let value = line[start..].split(' ').next().unwrap_or("");
+            line[start..].split(' ').next().unwrap_or("")
+        };
+        let field = |key: &str| -> u64 {
+            let value = raw(key);
             value
                 .parse()
                 .unwrap_or_else(|e| panic!("{key}={value:?} is not a number ({e}) in: {line}"))
         };
         let seconds = |key: &str| -> f64 {
-            let needle = format!(" {key}=");
-            let start = line
-                .find(&needle)
-                .unwrap_or_else(|| panic!("no {key}= in close line: {line}"))
-                + needle.len();
-            let value = line[start..].split(' ').next().unwrap_or("");
+            let value = raw(key);
             value
                 .strip_suffix('s')
                 .and_then(|v| v.parse().ok())
