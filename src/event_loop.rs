@@ -30,8 +30,13 @@ use crate::timers::{Timer, Timers};
 
 const FIRST_PROBE: usize = 2;
 
-/// Accepts per listener event before other work gets a turn.
-const ACCEPTS_PER_TURN: usize = 64;
+/// Accepts per turn before the connections already open get theirs. Each
+/// accept also dials a backend, which on loopback runs the whole handshake
+/// inside our call: 64 in a row held every open connection's response for
+/// a millisecond or more, the latency tail under a connection-per-request
+/// load. With 16, wrk -c50 `Connection: close` went from 10.3k to 11.5k
+/// req/s and p99 from ~9ms to ~7.5ms (8: 11.0k; 32: 10.7k).
+const ACCEPTS_PER_TURN: usize = 16;
 
 /// How long to stop accepting when the process is out of file descriptors
 /// or memory and no connection has closed to free one: accepting again at
@@ -181,6 +186,7 @@ impl Worker {
         // those to drive this turn: both reused, never reallocated per turn.
         let mut busy: Vec<usize> = Vec::new();
         let mut touched: Vec<usize> = Vec::new();
+        let mut in_turn: Vec<bool> = Vec::new();
         loop {
             let timeout = if !busy.is_empty() || self.can_accept() {
                 Some(Duration::ZERO)
@@ -221,8 +227,10 @@ impl Worker {
             self.hear_the_others();
             self.fire_timers(&mut touched);
             self.wake_disk_waiters(&mut touched);
-            touched.sort_unstable();
-            touched.dedup();
+            // First come, first driven: sorting by slot instead would serve
+            // low slots first in every busy turn and give the high ones the
+            // latency tail (p99 +40% under a connection-per-request load).
+            dedup_in_order(&mut touched, &mut in_turn);
             for &slot in &touched {
                 let Some(conn) = self.slots[slot].as_mut() else {
                     continue;
@@ -599,6 +607,20 @@ impl Worker {
     }
 }
 
+/// Drop the repeats from `slots`, keeping each slot where it first came.
+/// `seen` is scratch, all false between calls, grown as slots are.
+fn dedup_in_order(slots: &mut Vec<usize>, seen: &mut Vec<bool>) {
+    if let Some(&max) = slots.iter().max() {
+        if seen.len() <= max {
+            seen.resize(max + 1, false);
+        }
+    }
+    slots.retain(|&slot| !std::mem::replace(&mut seen[slot], true));
+    for &slot in slots.iter() {
+        seen[slot] = false;
+    }
+}
+
 /// How often idle connections are looked for: an eighth of the timeout,
 /// within 10ms..60s.
 fn idle_sweep_every(idle_timeout: Duration) -> Duration {
@@ -629,4 +651,24 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
             | io::ErrorKind::ConnectionReset
     ) || e.raw_os_error() == Some(libc::EPROTO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keeps_first_arrival_order_and_clears_its_scratch() {
+        let mut seen = Vec::new();
+        let mut slots = vec![7, 2, 7, 0, 2, 9, 0];
+        dedup_in_order(&mut slots, &mut seen);
+        assert_eq!(slots, [7, 2, 0, 9]);
+        assert!(seen.iter().all(|s| !s), "scratch left clean");
+        let mut again = vec![9, 9, 3];
+        dedup_in_order(&mut again, &mut seen);
+        assert_eq!(again, [9, 3]);
+        let mut none: Vec<usize> = Vec::new();
+        dedup_in_order(&mut none, &mut seen);
+        assert!(none.is_empty());
+    }
 }
