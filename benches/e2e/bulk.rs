@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::Options;
 use crate::backend::{self, HttpBackend, Pace};
 use crate::peers::{self, Logs, Peer};
 use crate::report::{Table, median, median_bytes, mib, problems_note, ratio};
+use crate::{Options, run_order};
 
 const BYTES: u64 = 1 << 30;
 const SMOKE_BYTES: u64 = 64 << 20;
@@ -37,7 +37,7 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
     let bytes = if opts.smoke { SMOKE_BYTES } else { BYTES };
     let backend = HttpBackend::start(bytes, None);
     let mut rows: Vec<Row> = std::iter::once(None)
-        .chain(peers::ALL.into_iter().map(Some))
+        .chain(opts.peers.iter().copied().map(Some))
         .map(|peer| Row {
             label: peer.map_or("direct (no proxy)".into(), |p| p.label(1)),
             peer,
@@ -50,7 +50,11 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
         .collect();
     let mut failures = Vec::new();
     for run in 0..opts.runs {
-        for row in rows.iter_mut().filter(|r| r.skipped.is_none()) {
+        for i in run_order(rows.len(), 1, run) {
+            let row = &mut rows[i];
+            if row.skipped.is_some() {
+                continue;
+            }
             if let Err(e) = one(row, run as u64, bytes, backend.addr, work) {
                 failures.push(format!("bulk, {}, run {}: {e}", row.label, run + 1));
             }

@@ -55,6 +55,30 @@ pub enum Logs {
 }
 
 impl Peer {
+    /// What `--peers` calls it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Peer::Spillway => "spillway",
+            Peer::NginxStream => "nginx-stream",
+            Peer::Haproxy => "haproxy",
+            Peer::NginxHttp => "nginx-http",
+        }
+    }
+
+    /// The peers named in a `--peers` list (comma-separated keys), in
+    /// row order.
+    pub fn parse_list(list: &str) -> Result<Vec<Peer>, String> {
+        let mut wanted = Vec::new();
+        for key in list.split(',') {
+            let peer = ALL.into_iter().find(|p| p.key() == key).ok_or_else(|| {
+                let keys: Vec<_> = ALL.iter().map(|p| p.key()).collect();
+                format!("--peers {list}: {key:?} is none of {}", keys.join(", "))
+            })?;
+            wanted.push(peer);
+        }
+        Ok(ALL.into_iter().filter(|p| wanted.contains(p)).collect())
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Peer::Spillway => "spillway",

@@ -19,10 +19,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::Options;
 use crate::peers::{self, Logs, Peer};
 use crate::process::{self, Kind, Running};
 use crate::report::{Table, median, problems_note, ratio};
+use crate::{Options, run_order};
 
 const SECS: u64 = 5;
 const SMOKE_SECS: u64 = 2;
@@ -106,7 +106,7 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
     for mode in [Mode::KeepAlive, Mode::Close] {
         for &n in &workers {
             let mut rows: Vec<Row> = std::iter::once(None)
-                .chain(peers::ALL.into_iter().map(Some))
+                .chain(opts.peers.iter().copied().map(Some))
                 .map(|peer| Row {
                     label: peer.map_or("direct (nginx backend)".into(), |p| p.label(n)),
                     peer,
@@ -116,7 +116,11 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
                 })
                 .collect();
             for run in 0..opts.runs {
-                for row in rows.iter_mut().filter(|r| r.skipped.is_none()) {
+                for i in run_order(rows.len(), 1, run) {
+                    let row = &mut rows[i];
+                    if row.skipped.is_some() {
+                        continue;
+                    }
                     let cell = format!(
                         "rps, {}, {n} worker(s), {}, run {}",
                         mode.name(),

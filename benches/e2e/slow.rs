@@ -23,10 +23,10 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::Options;
 use crate::backend::{self, HttpBackend, Pace};
-use crate::peers::{self, Logs, Peer};
+use crate::peers::{Logs, Peer};
 use crate::report::{Table, median, median_bytes, mib, percentile, problems_note, ratio};
+use crate::{Options, run_order};
 
 /// SO_RCVBUF of every client and SO_SNDBUF of every backend socket.
 const SOCKET_BUFFER: usize = 64 * 1024;
@@ -96,13 +96,18 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
         Row::new("direct, fast clients", None, Pace::Fast),
     ];
     rows.extend(
-        peers::ALL
-            .into_iter()
+        opts.peers
+            .iter()
+            .copied()
             .map(|peer| Row::new(&peer.label(1), Some(peer), paced)),
     );
     let mut failures = Vec::new();
     for run in 0..opts.runs {
-        for row in rows.iter_mut().filter(|r| r.skipped.is_none()) {
+        for i in run_order(rows.len(), 2, run) {
+            let row = &mut rows[i];
+            if row.skipped.is_some() {
+                continue;
+            }
             let cell = format!("slow, {}, run {}", row.label, run + 1);
             failures.extend(one(row, run, &p, &backend, work).map(|e| format!("{cell}: {e}")));
         }
