@@ -445,6 +445,16 @@ mod tests {
         window: usize,
         shut: bool,
     }
+    impl Window {
+        /// A receiver that takes `window` bytes, then blocks.
+        fn new(window: usize) -> Window {
+            Window {
+                got: Vec::new(),
+                window,
+                shut: false,
+            }
+        }
+    }
     impl Write for Window {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             assert!(!self.shut, "write after shutdown");
@@ -484,11 +494,7 @@ mod tests {
         let (_tmp, mut dir) = direction(100, 300);
         let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         let mut src = &data[..];
-        let mut rx = Window {
-            got: Vec::new(),
-            window: 0,
-            shut: false,
-        };
+        let mut rx = Window::new(0);
         let mut scratch = vec![0u8; 64];
         dir.src_ready = true;
         dir.dst_ready = true;
@@ -540,11 +546,7 @@ mod tests {
                 then_eof: closing,
                 reads: 0,
             };
-            let mut rx = Window {
-                got: Vec::new(),
-                window: usize::MAX,
-                shut: false,
-            };
+            let mut rx = Window::new(usize::MAX);
             let mut scratch = vec![0u8; 1024];
             dir.src_ready = true;
             dir.src_closing = closing;
@@ -570,11 +572,7 @@ mod tests {
     fn a_fast_receiver_does_not_starve_the_sender() {
         let (_tmp, mut dir) = direction(64 * 1024, 1 << 30);
         let mut src = Chunks::whole(8 << 20);
-        let mut rx = Window {
-            got: Vec::new(),
-            window: 0,
-            shut: false,
-        };
+        let mut rx = Window::new(0);
         let mut scratch = vec![0u8; 64 * 1024];
         dir.src_ready = true;
         // A stalled receiver: 8MiB pile up, memory then disk.
@@ -618,11 +616,7 @@ mod tests {
         let mut dir = dir.with_spill_after(after);
         let data = vec![4u8; 1000];
         let mut src = &data[..];
-        let mut rx = Window {
-            got: Vec::new(),
-            window: 0,
-            shut: false,
-        };
+        let mut rx = Window::new(0);
         dir.src_ready = true;
         dir.dst_ready = true;
         pump_all(&mut dir, &mut src, &mut rx);
@@ -660,11 +654,7 @@ mod tests {
         let after = Duration::from_secs(60);
         let mut dir = dir.with_spill_after(after);
         let mut src = Chunks::whole(100_000);
-        let mut rx = Window {
-            got: Vec::new(),
-            window: 0,
-            shut: false,
-        };
+        let mut rx = Window::new(0);
         dir.src_ready = true;
         dir.dst_ready = true;
         for _ in 0..500 {
@@ -836,11 +826,7 @@ mod tests {
     fn zero_spill_after_spills_at_once() {
         let (_tmp, mut dir) = direction(100, 1 << 20);
         let data = vec![4u8; 1000];
-        let mut rx = Window {
-            got: Vec::new(),
-            window: 0,
-            shut: false,
-        };
+        let mut rx = Window::new(0);
         dir.src_ready = true;
         pump_all(&mut dir, &mut &data[..], &mut rx);
         assert_eq!(dir.buf.file_backlog(), 900);
