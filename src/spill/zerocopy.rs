@@ -60,14 +60,21 @@ impl Pipe {
         // SAFETY: both fds were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let memory = memory.min(i32::MAX as usize / 2);
+        // Never shrunk (a small `memory` keeps the default's slots), and
+        // F_SETPIPE_SZ answers with the size it set: no ask after it.
+        let mut capacity = pipe_capacity(&write)?;
         for want in [memory * 2, memory] {
-            if pipe_capacity(&write)? >= want {
+            if capacity >= want {
                 break;
             }
-            // Best effort: the kernel may say no, and the pipe keeps what
-            // it has.
             // SAFETY: F_SETPIPE_SZ only reads its integer argument.
-            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
+            let rc =
+                unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
+            // Refused (past pipe-max-size, or over the user's pipe pages):
+            // the pipe keeps its size, and the smaller ask may still pass.
+            if rc >= 0 {
+                capacity = rc as usize;
+            }
         }
         let pipe = Pipe {
             read,
@@ -75,7 +82,7 @@ impl Pipe {
             len: 0,
             full: false,
         };
-        Ok((pipe_capacity(&pipe.write)? >= memory).then_some(pipe))
+        Ok((capacity >= memory).then_some(pipe))
     }
 
     pub fn len(&self) -> usize {
