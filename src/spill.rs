@@ -344,12 +344,12 @@ impl SpillBuffer {
         match pipe.splice_from(fd, room) {
             Ok(0) => Some(Fill::Eof),
             Ok(n) => Some(Fill::Took(n)),
-            // An empty pipe had room: the socket has nothing. A pipe with
-            // bytes in it may have had no free slot: maybe not.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(if pipe.len() == 0 {
-                Fill::WouldBlock
-            } else {
+            // The pipe knows whether it was out of slots or the socket
+            // had nothing (see `Pipe::splice_from`).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(if pipe.is_full() {
                 Fill::Full
+            } else {
+                Fill::WouldBlock
             }),
             Err(e) if refused(&e) => {
                 log::debug!("splice from a socket refused ({e}); reading instead");
@@ -366,13 +366,12 @@ impl SpillBuffer {
     /// can carry on in order: when splicing stops, or the other end has no
     /// fd. Reading our own pipe can only fail if the kernel broke it.
     fn pipe_to_memory(&mut self) -> io::Result<()> {
-        let Some(pipe) = self.pipe.as_mut().filter(|p| p.len() > 0) else {
+        if self.pipe.as_ref().is_none_or(|p| p.len() == 0) {
             return Ok(());
-        };
-        debug_assert_eq!(self.mem_len, 0, "memory is a pipe or a Vec, never both");
-        if self.mem.is_empty() {
-            self.mem = buffer_pool::take(self.mem_limit);
         }
+        debug_assert_eq!(self.mem_len, 0, "memory is a pipe or a Vec, never both");
+        self.ensure_mem();
+        let pipe = self.pipe.as_mut().expect("checked above");
         let n = pipe
             .read_all_into(&mut self.mem)
             .map_err(|e| io::Error::other(format!("reading back the memory pipe: {e}")))?;
@@ -539,8 +538,14 @@ impl SpillBuffer {
     /// Close the file (the kernel frees an unlinked file's blocks) and give
     /// its charge back to the budget.
     fn close_file(&mut self) {
-        self.budget.release(self.disk_charge());
+        self.forget_file_bytes();
         self.file = None;
+    }
+
+    /// The file holds nothing any more (closed, or cut to length 0): give
+    /// its charge back and count from its start again.
+    fn forget_file_bytes(&mut self) {
+        self.budget.release(self.disk_charge());
         self.file_head = 0;
         self.file_tail = 0;
         self.punched = 0;
@@ -559,6 +564,13 @@ impl SpillBuffer {
         self.file.as_ref()
     }
 
+    /// Memory is allocated on first use (an idle connection holds none).
+    fn ensure_mem(&mut self) {
+        if self.mem.is_empty() {
+            self.mem = buffer_pool::take(self.mem_limit);
+        }
+    }
+
     /// Make the free memory after the held bytes worth reading into:
     /// allocate on first use; slide the held bytes to the front only when
     /// more than half the free room is stuck before them. Sliding on every
@@ -566,7 +578,7 @@ impl SpillBuffer {
     /// receiver takes part of what is held, the common case.
     fn make_tail_room(&mut self) {
         if self.mem.is_empty() {
-            self.mem = buffer_pool::take(self.mem_limit);
+            self.ensure_mem();
             return;
         }
         let tail = self.mem_limit - (self.mem_head + self.mem_len);
@@ -630,9 +642,7 @@ impl SpillBuffer {
     /// Move the oldest bytes of the file into (empty) memory.
     fn refill_from_file(&mut self) -> io::Result<()> {
         debug_assert_eq!(self.mem_len, 0);
-        if self.mem.is_empty() {
-            self.mem = buffer_pool::take(self.mem_limit);
-        }
+        self.ensure_mem();
         let n = self.file_backlog().min(self.mem_limit as u64) as usize;
         let file = self.file.as_ref().expect("a backlog implies a file");
         file.read_exact_at(&mut self.mem[..n], self.file_head)?;
@@ -651,15 +661,11 @@ impl SpillBuffer {
             // Empty: rewind to the start so the file never grows past the
             // largest backlog, and drop all its blocks (reserved ones too).
             file.set_len(0)?;
-            self.budget.release(self.disk_charge());
+            self.forget_file_bytes();
             // Nothing waits for disk any more: whatever kept it from being
             // had is over for this backlog, and the next spill will say
             // anew. (A receiver that keeps up may never need it again.)
             self.blocked = None;
-            self.file_head = 0;
-            self.file_tail = 0;
-            self.punched = 0;
-            self.reserved = 0;
             return Ok(());
         }
         // Whole folios only, so that no page still queued in a socket by
