@@ -176,6 +176,14 @@ fn bad_limit_flags_are_refused() {
             &["--workers", "two"],
         ],
     );
+    assert_each_refused(
+        "--spill-after",
+        &[
+            &["--spill-after", "2s"],
+            &["--spill-after", "soon"],
+            &["--spill-after", "0.5ms"],
+        ],
+    );
 }
 
 #[test]
