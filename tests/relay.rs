@@ -46,19 +46,7 @@ fn recv_from<T, U>(
 #[test]
 fn slow_client_download_spills_to_disk_and_arrives_intact() {
     let data = Arc::new(random_bytes(1, BIG));
-    let (listener, backend_addr) = listen();
-    let (done_tx, done_rx) = mpsc::channel();
-    let backend = {
-        let data = data.clone();
-        spawn("backend", move || {
-            let mut s = accept_within(&listener, SECS_10);
-            assert_eq!(read_to_eof(&mut s, 4096), REQUEST, "request as sent");
-            s.write_all(&data).expect("backend write_all");
-            shutdown_write(&s);
-            drop(s);
-            done_tx.send(Instant::now()).expect("report done");
-        })
-    };
+    let (backend_addr, done_rx, backend) = bulk_backend(data.clone());
     let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
     let mut client = connect(proxy.addr);
     let client_addr = client.local_addr().unwrap();
@@ -1024,7 +1012,7 @@ fn spilled_bytes_survive_a_bursty_backend_and_a_dawdling_client() {
             let mut rng = Rng::new(14);
             let mut at = 0;
             while at < SIZE {
-                // First megabyte bursts, now and then a pause long enough
+                // Up to 32MiB: bursts of up to 4MiB, now and then a pause long enough
                 // for the proxy to catch up; then small bursts, often.
                 let (burst, pause) = if at < FIRST {
                     let pause = if rng.below(4) == 0 { 60 } else { rng.below(10) };
