@@ -39,7 +39,7 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
     let mut rows: Vec<Row> = std::iter::once(None)
         .chain(opts.peers.iter().copied().map(Some))
         .map(|peer| Row {
-            label: peer.map_or("direct (no proxy)".into(), |p| p.label(1)),
+            label: peer.map_or("direct (no proxy)".into(), |p| p.name().to_string()),
             peer,
             skipped: None,
             mb_per_s: Vec::new(),

@@ -144,7 +144,6 @@ fn main() -> ExitCode {
             .join(" "),
         work.path().display()
     );
-    println!("{}", peers::spillway_workers_note());
 
     let mut failures = Vec::new();
     if opts.wants(Workload::Bulk) {
@@ -184,6 +183,10 @@ impl WorkDir {
     fn create() -> WorkDir {
         let path = std::env::temp_dir().join(format!("spillway-e2e-{}", std::process::id()));
         fs::create_dir_all(&path).expect("create the work dir");
+        // Canonical, as the links under /proc/PID/fd are: nginx's temp files
+        // are found by their path starting with it, and a symlinked $TMPDIR
+        // would make none match and its disk figure read 0.
+        let path = fs::canonicalize(&path).expect("canonicalize the work dir");
         WorkDir { path, keep: false }
     }
 

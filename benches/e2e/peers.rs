@@ -12,8 +12,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
@@ -88,25 +87,6 @@ impl Peer {
         }
     }
 
-    /// The row label for a run at `workers` workers: says so when spillway
-    /// cannot run that many.
-    pub fn label(self, workers: usize) -> String {
-        if self == Peer::Spillway && workers > 1 && !spillway_has_workers_flag() {
-            format!("{} (1 worker: --workers unsupported)", self.name())
-        } else {
-            self.name().to_string()
-        }
-    }
-
-    fn slug(self) -> &'static str {
-        match self {
-            Peer::Spillway => "spillway",
-            Peer::NginxStream => "nginx-stream",
-            Peer::Haproxy => "haproxy",
-            Peer::NginxHttp => "nginx-http",
-        }
-    }
-
     /// Start this peer in front of `backend`, in a fresh directory under
     /// `work`, and wait until it accepts connections.
     pub fn start(
@@ -116,7 +96,7 @@ impl Peer {
         logs: Logs,
         work: &Path,
     ) -> Result<Running, String> {
-        let dir = fresh_dir(work, self.slug())?;
+        let dir = fresh_dir(work, self.key())?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let (cmd, kind) = self.command(backend, addr, workers, logs, &dir)?;
         let mut running = Running::spawn(cmd, kind, addr, dir)?;
@@ -155,9 +135,7 @@ impl Peer {
                             Logs::Problems => "warn",
                         },
                     ]);
-                if spillway_has_workers_flag() {
-                    cmd.args(["--workers", &workers.to_string()]);
-                }
+                cmd.args(["--workers", &workers.to_string()]);
                 Ok((cmd, Kind::Spillway))
             }
             Peer::NginxStream => {
@@ -309,29 +287,6 @@ fn spillway_bin() -> &'static str {
     // Cargo builds the binary (bench profile) before the bench and says
     // where it put it.
     env!("CARGO_BIN_EXE_spillway")
-}
-
-/// Whether this spillway takes `--workers N` (work in progress elsewhere):
-/// its `--help` says so.
-pub fn spillway_has_workers_flag() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        Command::new(spillway_bin())
-            .arg("--help")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).contains("--workers"))
-            .unwrap_or(false)
-    })
-}
-
-pub fn spillway_workers_note() -> String {
-    if spillway_has_workers_flag() {
-        "spillway --workers: supported; every spillway row runs with the row's worker count".into()
-    } else {
-        "spillway --workers: not in this build; spillway runs one worker everywhere, and rows at more workers say so".into()
-    }
 }
 
 pub fn cores() -> usize {

@@ -108,7 +108,7 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
             let mut rows: Vec<Row> = std::iter::once(None)
                 .chain(opts.peers.iter().copied().map(Some))
                 .map(|peer| Row {
-                    label: peer.map_or("direct (nginx backend)".into(), |p| p.label(n)),
+                    label: peer.map_or("direct (nginx backend)".into(), |p| p.name().to_string()),
                     peer,
                     skipped: None,
                     runs: Vec::new(),

@@ -99,7 +99,7 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
         opts.peers
             .iter()
             .copied()
-            .map(|peer| Row::new(&peer.label(1), Some(peer), paced)),
+            .map(|peer| Row::new(peer.name(), Some(peer), paced)),
     );
     let mut failures = Vec::new();
     for run in 0..opts.runs {
