@@ -529,6 +529,19 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
+/// `check` (which asserts) keeps holding for all of `window`: for a thing
+/// that must *not* happen, watched for a while rather than looked at once.
+pub fn holds_for(window: Duration, mut check: impl FnMut()) {
+    let end = Instant::now() + window;
+    loop {
+        check();
+        if Instant::now() >= end {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
