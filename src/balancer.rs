@@ -326,14 +326,16 @@ impl Pool {
     }
 
     /// A health check wants to decide for `idx`: true if it may (the
-    /// backend is down and no trial is under way); it then owns the trial.
-    pub fn start_trial(&self, idx: usize) -> bool {
-        self.claim(idx, u64::MAX) == Some(true)
+    /// backend is down, its down time over by `now`, and no trial under
+    /// way); it then owns the trial. One claim, so that a trial failed by
+    /// another worker in between cannot be followed by an early probe.
+    pub fn start_trial(&self, idx: usize, now: Instant) -> bool {
+        self.claim(idx, self.millis(now)) == Some(true)
     }
 
-    /// Backends whose down time is over and that have no trial under way:
-    /// a health check may decide for them instead of a client.
-    pub fn due_for_trial(&self, idx: usize, now: Instant) -> bool {
+    /// Backends whose down time is over and that have no trial under way.
+    #[cfg(test)]
+    fn due_for_trial(&self, idx: usize, now: Instant) -> bool {
         matches!(self.state(idx).standing, Standing::Down { until } if self.millis(now) >= until)
     }
 
@@ -645,6 +647,13 @@ mod tests {
         p.release(0);
         p.abandoned(0, t1);
         assert!(p.due_for_trial(0, t1));
+        // A health check takes it; its trial fails: down for 20s, and the
+        // next trial is only to be had once they are over, and only once.
+        assert!(p.start_trial(0, t1));
+        assert_eq!(p.failed(0, t1, "refused"), Some(Duration::from_secs(20)));
+        assert!(!p.start_trial(0, t1 + Duration::from_secs(5)));
+        assert!(p.start_trial(0, t1 + Duration::from_secs(21)));
+        assert!(!p.start_trial(0, t1 + Duration::from_secs(21)), "one trial");
     }
 
     #[test]
@@ -685,7 +694,7 @@ mod tests {
         let picks: Vec<Picked> = (0..4).map(|_| p.pick_claiming(t1, &[]).unwrap()).collect();
         assert_eq!(picks.iter().filter(|p| p.trial).count(), 1, "{picks:?}");
         assert!(picks.iter().all(|p| p.trial == (p.idx == 0)), "{picks:?}");
-        assert!(!p.start_trial(0), "a health check may not take it too");
+        assert!(!p.start_trial(0, t1), "a health check may not take it too");
         // With the up backend tried already, the one on trial is still
         // offered rather than nothing, but not as a second trial.
         let last = p.pick_claiming(t1, &[1]).unwrap();

@@ -59,7 +59,7 @@ impl HealthChecks {
             }
             // A down backend is probed only as its one trial (a client's
             // connection in another worker may have claimed it).
-            let trial = pool.due_for_trial(idx, now) && pool.start_trial(idx);
+            let trial = pool.start_trial(idx, now);
             if !(pool.is_up(idx) || trial) {
                 continue;
             }
