@@ -264,7 +264,9 @@ impl Pool {
     /// A connect (or health check) to `idx` succeeded. Brings a down
     /// backend back up, with an INFO line.
     pub fn succeeded(&self, idx: usize) {
-        let old = self.update(idx, |_| Some(State::UP));
+        // Only a change is written: every pick reads this word, and a
+        // store on each connect would bounce its cache line between cores.
+        let old = self.update(idx, |s| (s != State::UP).then_some(State::UP));
         if old.standing != Standing::Up {
             log::info!("backend {} is back up", self.addr(idx));
         }
