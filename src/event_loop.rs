@@ -86,6 +86,18 @@ struct Draining {
     drained: usize,
 }
 
+/// What one worker's part of a graceful shutdown came to.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Drained {
+    /// Connections that finished on their own.
+    pub finished: usize,
+    /// Closed gently once nothing was moving.
+    pub quiet_closed: usize,
+    /// Cut at the deadline, and the bytes they still held.
+    pub cut: usize,
+    pub undelivered: u64,
+}
+
 pub struct Worker {
     index: usize,
     poll: Poll,
@@ -175,7 +187,9 @@ impl Worker {
 
     /// Serve until stopped, or until this worker's part of a graceful
     /// shutdown is done.
-    pub fn run(mut self) -> io::Result<()> {
+    /// Serve until stopped (`None`) or until this worker's part of a
+    /// graceful shutdown is over (what its drain came to).
+    pub fn run(mut self) -> io::Result<Option<Drained>> {
         if self.health.is_some() {
             self.timers.arm(Instant::now(), Timer::HealthRound);
         }
@@ -222,7 +236,7 @@ impl Worker {
                 }
             }
             if self.shared.stopping() {
-                return Ok(());
+                return Ok(None);
             }
             self.hear_the_others();
             self.fire_timers(&mut touched);
@@ -247,8 +261,8 @@ impl Worker {
                     Status::Finished => self.retire(slot),
                 }
             }
-            if self.draining.is_some() && self.drain_step() {
-                return Ok(());
+            if let Some(drained) = self.drain_step() {
+                return Ok(Some(drained));
             }
             if self.can_accept() {
                 self.accept_some(&mut busy);
@@ -457,15 +471,13 @@ impl Worker {
     }
 
     /// One step of a graceful shutdown: close connections that have gone
-    /// quiet, and everything once the deadline has passed. Returns true
-    /// when this worker may return.
-    fn drain_step(&mut self) -> bool {
+    /// quiet, and everything once the deadline has passed. What the drain
+    /// came to once it is over and this worker may return.
+    fn drain_step(&mut self) -> Option<Drained> {
         let now = Instant::now();
-        let Some(d) = &self.draining else {
-            return false;
-        };
+        let d = self.draining.as_ref()?;
         if self.live > 0 && now < d.next_check {
-            return false;
+            return None;
         }
         let deadline = d.deadline;
         let out_of_time = now >= deadline;
@@ -501,14 +513,17 @@ impl Worker {
         }
         if self.live == 0 || out_of_time {
             let d = self.draining.as_ref().expect("draining");
-            self.shared
-                .drain_finished(d.drained, d.quiet_closed, cut, undelivered);
-            return true;
+            return Some(Drained {
+                finished: d.drained,
+                quiet_closed: d.quiet_closed,
+                cut,
+                undelivered,
+            });
         }
         if let Some(d) = &mut self.draining {
             d.next_check = (now + SHUTDOWN_TICK).min(deadline);
         }
-        false
+        None
     }
 
     /// Accept up to a turn's worth of clients, within `--max-connections`.

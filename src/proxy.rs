@@ -26,7 +26,7 @@ use crate::balancer::{FailPolicy, Pool};
 use crate::config::{Config, ConfigError, show_size};
 use crate::connection::BufferPlan;
 use crate::disk::DiskBudget;
-use crate::event_loop::Worker;
+use crate::event_loop::{Drained, Worker};
 use crate::logging;
 use crate::stats::Stats;
 
@@ -58,13 +58,6 @@ pub struct Shared {
     /// has been logged; 0 when none is. Fds are the process's, so one
     /// ERROR serves every worker until that worker's backlog drains.
     accept_burst: AtomicUsize,
-    /// Workers still draining, and what their drains add up to, for the
-    /// one summary line the last of them writes.
-    draining_workers: AtomicUsize,
-    drained: AtomicU64,
-    quiet_closed: AtomicU64,
-    cut: AtomicU64,
-    undelivered: AtomicU64,
     /// Workers that have returned, and how the supervisor learns of it.
     finished: AtomicUsize,
     workers: Vec<Arc<Waker>>,
@@ -142,24 +135,6 @@ impl Shared {
 
     pub fn shutdown_deadline(&self) -> Option<Instant> {
         self.shutdown_deadline.get().copied()
-    }
-
-    /// A worker's drain is over: add its figures; the last one says how the
-    /// whole shutdown went.
-    pub fn drain_finished(&self, drained: usize, quiet: usize, cut: usize, undelivered: u64) {
-        self.drained.fetch_add(drained as u64, Ordering::AcqRel);
-        self.quiet_closed.fetch_add(quiet as u64, Ordering::AcqRel);
-        self.cut.fetch_add(cut as u64, Ordering::AcqRel);
-        self.undelivered.fetch_add(undelivered, Ordering::AcqRel);
-        if self.draining_workers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            log::info!(
-                "shutdown complete: {} connection(s) finished, {} closed while quiet, {} cut at the timeout with {} undelivered",
-                self.drained.load(Ordering::Acquire),
-                self.quiet_closed.load(Ordering::Acquire),
-                self.cut.load(Ordering::Acquire),
-                show_size(self.undelivered.load(Ordering::Acquire))
-            );
-        }
     }
 
     fn wake_workers(&self) {
@@ -245,11 +220,6 @@ impl Proxy {
             shutdown_deadline: OnceLock::new(),
             limit_logged: AtomicBool::new(false),
             accept_burst: AtomicUsize::new(0),
-            draining_workers: AtomicUsize::new(polls.len()),
-            drained: AtomicU64::new(0),
-            quiet_closed: AtomicU64::new(0),
-            cut: AtomicU64::new(0),
-            undelivered: AtomicU64::new(0),
             finished: AtomicUsize::new(0),
             workers: polls.iter().map(|(_, waker, _)| waker.clone()).collect(),
             supervisor,
@@ -362,14 +332,33 @@ impl Proxy {
             }
         }
         let mut outcome = Ok(());
+        // The shutdown summary, if every worker drained (none was stopped).
+        let mut drained = Some(Drained::default());
         for (index, thread) in threads.into_iter().enumerate() {
             match thread.join() {
-                Ok(Ok(())) => {}
+                Ok(Ok(Some(d))) => {
+                    if let Some(sum) = &mut drained {
+                        sum.finished += d.finished;
+                        sum.quiet_closed += d.quiet_closed;
+                        sum.cut += d.cut;
+                        sum.undelivered += d.undelivered;
+                    }
+                }
+                Ok(Ok(None)) => drained = None,
                 Ok(Err(e)) => outcome = outcome.and(Err(e)),
                 Err(_) => {
                     outcome = outcome.and(Err(io::Error::other(format!("worker {index} panicked"))))
                 }
             }
+        }
+        if let (Ok(()), Some(d)) = (&outcome, drained) {
+            log::info!(
+                "shutdown complete: {} connection(s) finished, {} closed while quiet, {} cut at the timeout with {} undelivered",
+                d.finished,
+                d.quiet_closed,
+                d.cut,
+                show_size(d.undelivered)
+            );
         }
         outcome
     }
