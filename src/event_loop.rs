@@ -323,7 +323,7 @@ impl Worker {
         self.slots[slot] = None;
         self.free_slots.push(slot);
         self.live -= 1;
-        self.shared.release_connection();
+        self.shared.release_connection(self.index);
         self.give_back_memory();
         if let Some(d) = &mut self.draining {
             d.drained += 1;
@@ -542,7 +542,7 @@ impl Worker {
             }
             let accepted = listener.accept();
             if accepted.is_err() {
-                self.shared.release_connection();
+                self.shared.release_connection(self.index);
             }
             match accepted {
                 // Bytes the client sent before registration are not lost:
@@ -553,7 +553,7 @@ impl Worker {
                         // (no backend could even be dialled): let it run.
                         busy.push(slot);
                     } else {
-                        self.shared.release_connection();
+                        self.shared.release_connection(self.index);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

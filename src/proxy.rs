@@ -60,8 +60,8 @@ pub struct Shared {
     accept_burst: AtomicUsize,
     /// Workers that have returned, and how the supervisor learns of it.
     finished: AtomicUsize,
-    workers: Vec<Arc<Waker>>,
-    supervisor: Arc<Waker>,
+    workers: Vec<Waker>,
+    supervisor: Waker,
 }
 
 impl Shared {
@@ -94,12 +94,17 @@ impl Shared {
         false
     }
 
-    /// Give back a place taken by `reserve_connection`. If the limit was
-    /// reached, every worker is woken: those paused at it may accept again.
-    pub fn release_connection(&self) {
+    /// Give back a place taken by `reserve_connection`, for `worker`. If
+    /// the limit was reached, the other workers are woken: those paused at
+    /// it may accept again (`worker` itself looks before its next poll).
+    pub fn release_connection(&self, worker: usize) {
         let before = self.open.fetch_sub(1, Ordering::AcqRel);
         if before >= self.config.max_connections {
-            self.wake_workers();
+            for (i, waker) in self.workers.iter().enumerate() {
+                if i != worker {
+                    wake(waker);
+                }
+            }
         }
     }
 
@@ -138,11 +143,7 @@ impl Shared {
     }
 
     fn wake_workers(&self) {
-        for waker in &self.workers {
-            if let Err(e) = waker.wake() {
-                log::error!("cannot wake a worker: {e}");
-            }
-        }
+        self.workers.iter().for_each(wake);
     }
 
     fn stop_all(&self) {
@@ -184,8 +185,9 @@ impl Proxy {
         let listeners = bind_listeners(config.listen, config.workers)?;
         let local_addr = listeners[0].local_addr().map_err(startup)?;
         let poll = Poll::new().map_err(startup)?;
-        let supervisor = Arc::new(Waker::new(poll.registry(), WAKER).map_err(startup)?);
+        let supervisor = Waker::new(poll.registry(), WAKER).map_err(startup)?;
         let mut polls = Vec::with_capacity(listeners.len());
+        let mut wakers = Vec::with_capacity(listeners.len());
         for mut listener in listeners {
             let worker_poll = Poll::new().map_err(startup)?;
             worker_poll
@@ -193,7 +195,8 @@ impl Proxy {
                 .register(&mut listener, Worker::LISTENER, Interest::READABLE)
                 .map_err(startup)?;
             let waker = Waker::new(worker_poll.registry(), Worker::WAKER).map_err(startup)?;
-            polls.push((worker_poll, Arc::new(waker), listener));
+            polls.push((worker_poll, listener));
+            wakers.push(waker);
         }
         let disk = Arc::new(DiskBudget::new(config.max_disk));
         let shared = Arc::new(Shared {
@@ -221,14 +224,14 @@ impl Proxy {
             limit_logged: AtomicBool::new(false),
             accept_burst: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
-            workers: polls.iter().map(|(_, waker, _)| waker.clone()).collect(),
+            workers: wakers,
             supervisor,
             config,
         });
         let workers = polls
             .into_iter()
             .enumerate()
-            .map(|(index, (poll, _, listener))| {
+            .map(|(index, (poll, listener))| {
                 Worker::new(index, poll, listener, local_addr, shared.clone())
             })
             .collect();
@@ -462,4 +465,11 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Wake one worker; a failure is logged, as there is no one to return it to.
+fn wake(waker: &Waker) {
+    if let Err(e) = waker.wake() {
+        log::error!("cannot wake a worker: {e}");
+    }
 }
