@@ -8,19 +8,24 @@
 //! One pool per thread (each worker is one thread), so no lock. The pool
 //! keeps at most `KEEP_BYTES` of buffers; beyond, they go back to malloc.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 /// What one thread keeps for reuse at most.
 const KEEP_BYTES: usize = 8 << 20;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// The bytes in `FREE`, whatever sizes its buffers have.
+    static KEPT: Cell<usize> = const { Cell::new(0) };
 }
 
 /// A buffer of exactly `len` bytes (contents unspecified).
 pub fn take(len: usize) -> Vec<u8> {
     FREE.with_borrow_mut(|free| match free.iter().rposition(|b| b.len() == len) {
-        Some(at) => free.swap_remove(at),
+        Some(at) => {
+            KEPT.set(KEPT.get() - len);
+            free.swap_remove(at)
+        }
         None => vec![0; len],
     })
 }
@@ -31,8 +36,8 @@ pub fn give(buffer: Vec<u8>) {
         return;
     }
     FREE.with_borrow_mut(|free| {
-        let kept: usize = free.len() * buffer.len();
-        if kept + buffer.len() <= KEEP_BYTES {
+        if KEPT.get() + buffer.len() <= KEEP_BYTES {
+            KEPT.set(KEPT.get() + buffer.len());
             free.push(buffer);
         }
     });
@@ -41,6 +46,7 @@ pub fn give(buffer: Vec<u8>) {
 /// Give everything kept back to malloc (when load has dropped).
 pub fn clear() {
     FREE.with_borrow_mut(|free| *free = Vec::new());
+    KEPT.set(0);
 }
 
 #[cfg(test)]
@@ -58,6 +64,13 @@ mod tests {
             give(vec![0; 1 << 20]);
         }
         FREE.with_borrow(|free| assert_eq!(free.len(), KEEP_BYTES / (1 << 20)));
+        // Bounded in bytes, whatever the sizes: one small buffer fits in
+        // no more (the pool is full), and after one big is taken it does.
+        give(vec![0; 4096]);
+        FREE.with_borrow(|free| assert_eq!(free.len(), KEEP_BYTES / (1 << 20)));
+        drop(take(1 << 20));
+        give(vec![0; 4096]);
+        assert_eq!(KEPT.get(), KEEP_BYTES - (1 << 20) + 4096);
         clear();
         FREE.with_borrow(|free| assert!(free.is_empty()));
     }
