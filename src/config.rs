@@ -227,12 +227,53 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(expected)
 }
 
-/// Parse a size such as `64KiB`, `1MiB`, `10MB` or `4096`.
+/// Parse a size such as `64KiB`, `1MiB`, `1.5GiB`, `10MB` or `4096`: a
+/// number, then a unit (`B`, `KB`/`KiB` ... `EB`/`EiB`, case ignored). A
+/// value beyond what 64 bits hold is refused, never rounded down to the
+/// largest that fits.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|_| format!("'{s}' is not a size: expected e.g. 64KiB, 1MiB, 10MB or 4096"))
+    let not_a_size = || format!("'{s}' is not a size: expected e.g. 64KiB, 1MiB, 10MB or 4096");
+    let t = s.trim();
+    let end = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(end);
+    let unit = unit.trim_start();
+    let factor: u128 = if unit.is_empty() {
+        1
+    } else {
+        let unit: bytesize::Unit = unit.parse().map_err(|_| not_a_size())?;
+        u128::from(1u64 * unit)
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+        return Err(not_a_size());
+    }
+    let too_large = || {
+        format!(
+            "'{s}' is too large: expected at most {} bytes (16EiB - 1), e.g. 1GiB",
+            u64::MAX
+        )
+    };
+    // Digits only by now: a whole part that does not parse has overflowed.
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| too_large())?
+    };
+    // Digits past the 18th cannot change a whole number of bytes.
+    let fraction = &fraction[..fraction.len().min(18)];
+    let scale = 10u128.pow(fraction.len() as u32);
+    let fraction: u128 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().map_err(|_| not_a_size())?
+    };
+    whole
+        .checked_mul(factor)
+        .and_then(|w| w.checked_add(fraction * factor / scale))
+        .and_then(|bytes| u64::try_from(bytes).ok())
+        .ok_or_else(too_large)
 }
 
 /// Sizes in logs and tables: `64.0 KiB`.
@@ -271,8 +312,31 @@ mod tests {
         assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("-1").is_err());
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert_eq!(parse_size("64 kib").unwrap(), 65536);
+        assert_eq!(parse_size("15EiB").unwrap(), 15 << 60);
+        assert_eq!(parse_size("18446744073709551615").unwrap(), u64::MAX);
+        for bad in [
+            "lots", "-1", "", "KiB", ".", "1..5KiB", "1.5.5", "5 KiBs", "0x10",
+        ] {
+            assert!(parse_size(bad).unwrap_err().contains("not a size"), "{bad}");
+        }
+    }
+
+    /// A value that does not fit is refused, not saturated to 16EiB.
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        for big in [
+            "99999999999999999999999999KiB",
+            "16EiB",
+            "18446744073709551616",
+            "20000000000000000000B",
+            "17179869184GiB",
+            "999999999999999999999999999999999999999999999",
+        ] {
+            let err = parse_size(big).unwrap_err();
+            assert!(err.contains("too large"), "{big}: {err}");
+        }
     }
 
     #[test]

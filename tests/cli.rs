@@ -58,7 +58,8 @@ fn run(args: &[&str]) -> Outcome {
 /// leaves nothing listening) with code 2 and exactly one stderr line,
 /// starting `spillway: ` and naming `flag`. (Probing the port afterwards
 /// would prove nothing more, and could meet another test's listener.)
-fn assert_refused(args: &[&str], flag: &str) {
+/// Returns that line.
+fn assert_refused(args: &[&str], flag: &str) -> String {
     let out = run(args);
     let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(
@@ -88,6 +89,7 @@ fn assert_refused(args: &[&str], flag: &str) {
         "spillway {args:?}: stdout {:?}",
         out.stdout
     );
+    lines[0].to_string()
 }
 
 /// A valid --listen: any free port on loopback.
@@ -220,6 +222,27 @@ fn bad_max_spill_is_refused() {
             &["--max-spill=-5MiB"],
         ],
     );
+}
+
+/// A SIZE that does not fit in 64 bits is refused like any bad value, and
+/// the message says why: it used to be saturated, and
+/// `--max-spill 99999999999999999999999999KiB` started with 16EiB.
+#[test]
+fn sizes_that_do_not_fit_are_refused() {
+    for flag in ["--max-spill", "--max-disk", "--memory-buffer"] {
+        for value in [
+            "99999999999999999999999999KiB",
+            "16EiB",
+            "18446744073709551616",
+        ] {
+            let arg = format!("{flag}={value}");
+            let line = assert_refused(
+                &["--listen", LISTEN, "--backend", &some_backend(), &arg],
+                flag,
+            );
+            assert!(line.contains("too large"), "{arg}: {line:?}");
+        }
+    }
 }
 
 #[test]
