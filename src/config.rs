@@ -71,6 +71,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Event-loop threads, each with its own listening socket.
     pub workers: usize,
+    /// Keep a backend that has sent EOF connected until the client has
+    /// sent EOF too (full half-duplex), instead of releasing it at once.
+    pub keep_half_open: bool,
 }
 
 /// One worker per core the process may run on.
@@ -98,6 +101,7 @@ impl Default for Config {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             workers: 1,
+            keep_half_open: false,
         }
     }
 }

@@ -176,6 +176,9 @@ pub struct Ctx<'a> {
     pub connect_timeout: Duration,
     /// Backends one connection may try: 1 + `--connect-retries`.
     pub max_attempts: usize,
+    /// `--keep-half-open`: a backend that has sent EOF stays connected
+    /// until the client half-closes too.
+    pub keep_half_open: bool,
 }
 
 impl Connection {
@@ -452,6 +455,9 @@ impl Connection {
         let down = pump(&mut self.down, backend, self.client.as_ref(), ctx.scratch);
         let busy = up_busy || matches!(down, Pumped::MoreWork);
         self.handle_failure(down, (Side::Backend, Side::Client));
+        if !ctx.keep_half_open {
+            self.release_finished_backend();
+        }
         if self.bytes_moved() != moved_before {
             self.last_active = Instant::now();
             self.client_spoke_last = self.down.bytes_out == delivered_before;
@@ -460,6 +466,26 @@ impl Connection {
         self.warn_on_disk_trouble();
         self.arm_spill_timer(ctx);
         self.finish_turn(ctx, busy)
+    }
+
+    /// The backend has ended its stream (its EOF is read) and nothing is
+    /// waiting to be sent to it: it is finished, so let it go now rather
+    /// than when the client half-closes. A server doing a lingering close
+    /// (half-close, then wait for the peer's FIN, as gunicorn, Apache and
+    /// nginx do) would otherwise keep a worker busy until the slow client
+    /// finished reading. What the client sends from now on is dropped, as
+    /// if the backend had closed fully. `--keep-half-open` keeps the
+    /// backend's read half open instead, for protocols that need it.
+    fn release_finished_backend(&mut self) {
+        let backend_ended = matches!(self.down.flow, Flow::Draining | Flow::Closed);
+        if self.connected && backend_ended && self.up.flow == Flow::Open && self.up.buf.is_empty() {
+            log::debug!(
+                "{} backend {} has ended its stream: releasing it",
+                self.id,
+                self.backend_label()
+            );
+            self.up.release();
+        }
     }
 
     /// A direction that stopped reading to give its receiver time to catch

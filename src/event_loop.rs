@@ -136,6 +136,7 @@ macro_rules! ctx {
             stats: &$p.shared.stats,
             connect_timeout: $p.shared.config.connect_timeout,
             max_attempts: max_attempts(&$p.shared.config),
+            keep_half_open: $p.shared.config.keep_half_open,
         }
     };
 }

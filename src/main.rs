@@ -114,6 +114,13 @@ struct Cli {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
 
+    /// Keep a backend that has ended its stream (sent EOF) connected until
+    /// the client ends its own, for protocols where the server half-closes
+    /// and still reads. Off: the backend is released at once and what the
+    /// client sends after that is dropped
+    #[arg(long)]
+    keep_half_open: bool,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -203,6 +210,7 @@ fn serve(cli: Cli) -> ExitCode {
         idle_timeout: cli.idle_timeout,
         shutdown_timeout: cli.shutdown_timeout,
         workers: cli.workers.unwrap_or_else(config::default_workers),
+        keep_half_open: cli.keep_half_open,
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {

@@ -29,6 +29,11 @@ pub enum Flow {
     Closed,
     /// Given up: the receiver is gone or the stream was cut short.
     Aborted,
+    /// The receiver has finished with this stream (it ended its own and
+    /// took everything held for it) and its socket is closed: what the
+    /// sender still sends is read and dropped. Nothing was cut, so unlike
+    /// `Aborted` the receiver is closed normally.
+    Released,
 }
 
 /// The end of a direction that sends the bytes.
@@ -275,12 +280,21 @@ impl Direction {
 
     /// No more will be written to the receiver.
     pub fn dst_done(&self) -> bool {
-        matches!(self.flow, Flow::Closed | Flow::Aborted)
+        matches!(self.flow, Flow::Closed | Flow::Aborted | Flow::Released)
     }
 
-    /// Aborted, but its sender has not stopped sending yet.
+    /// Given up or released, but its sender has not stopped sending yet.
     pub fn still_sending(&self) -> bool {
-        self.flow == Flow::Aborted && !self.sender_gone
+        matches!(self.flow, Flow::Aborted | Flow::Released) && !self.sender_gone
+    }
+
+    /// The receiver is done with this stream and nothing is held for it:
+    /// from now on what the sender sends is dropped (and counted).
+    pub fn release(&mut self) {
+        debug_assert!(self.buf.is_empty(), "released with bytes held");
+        if self.flow == Flow::Open {
+            self.flow = Flow::Released;
+        }
     }
 
     /// Give up on this stream: drop what is held and free its disk space.
@@ -310,7 +324,7 @@ pub fn pump<R: Sender, W: Receiver>(
     mut dst: Option<W>,
     scratch: &mut [u8],
 ) -> Pumped {
-    if dir.flow == Flow::Aborted {
+    if matches!(dir.flow, Flow::Aborted | Flow::Released) {
         return discard(dir, src, scratch);
     }
     for _ in 0..OPS_PER_PUMP {
