@@ -9,63 +9,14 @@
 //! When every backend is down, they are all tried anyway: refusing
 //! everyone helps nobody (nginx does the same).
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::config::{BackendSpec, Strategy};
+
 /// However often a backend keeps failing, it is retried at least this often.
 pub const MAX_FAIL_TIMEOUT: Duration = Duration::from_secs(300);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    /// Smooth weighted round-robin (nginx's): no bursts to one backend.
-    RoundRobin,
-    /// Fewest active connections per unit of weight.
-    LeastConn,
-    /// Power of two random choices on active connections per weight.
-    Random2,
-}
-
-impl Strategy {
-    pub fn parse(s: &str) -> Result<Strategy, String> {
-        match s {
-            "round-robin" => Ok(Strategy::RoundRobin),
-            "least-conn" => Ok(Strategy::LeastConn),
-            "random2" => Ok(Strategy::Random2),
-            _ => Err(format!(
-                "'{s}' is not a strategy: expected round-robin, least-conn or random2"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Strategy::RoundRobin => "round-robin",
-            Strategy::LeastConn => "least-conn",
-            Strategy::Random2 => "random2",
-        })
-    }
-}
-
-/// A backend as configured: `ADDR[,weight=N]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendSpec {
-    pub addr: SocketAddr,
-    pub weight: u32,
-}
-
-impl fmt::Display for BackendSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.weight == 1 {
-            write!(f, "{}", self.addr)
-        } else {
-            write!(f, "{},weight={}", self.addr, self.weight)
-        }
-    }
-}
 
 /// How failures are judged.
 #[derive(Clone, Copy, Debug)]
@@ -141,7 +92,7 @@ struct Backend {
     state: AtomicU64,
 }
 
-/// What `Pool::pick_claiming` chose.
+/// What `Backends::pick_claiming` chose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Picked {
     pub idx: usize,
@@ -150,7 +101,7 @@ pub struct Picked {
 }
 
 /// The pool is shared by every worker thread; all of its state is atomics.
-pub struct Pool {
+pub struct Backends {
     backends: Vec<Backend>,
     strategy: Strategy,
     policy: FailPolicy,
@@ -166,10 +117,15 @@ pub struct Pool {
     epoch: Instant,
 }
 
-impl Pool {
-    pub fn new(specs: &[BackendSpec], strategy: Strategy, policy: FailPolicy, seed: u64) -> Pool {
+impl Backends {
+    pub fn new(
+        specs: &[BackendSpec],
+        strategy: Strategy,
+        policy: FailPolicy,
+        seed: u64,
+    ) -> Backends {
         assert!(!specs.is_empty(), "validated: at least one backend");
-        Pool {
+        Backends {
             backends: specs
                 .iter()
                 .map(|&spec| Backend {
@@ -494,32 +450,11 @@ fn smooth_order(specs: &[BackendSpec]) -> Vec<usize> {
         .collect()
 }
 
-/// Parse `ADDR` or `ADDR,weight=N` for `--backend`.
-pub fn parse_backend(s: &str) -> Result<BackendSpec, String> {
-    let (addr, weight) = match s.split_once(',') {
-        None => (s, 1),
-        Some((addr, opt)) => {
-            let w = opt
-                .strip_prefix("weight=")
-                .and_then(|w| w.parse::<u32>().ok())
-                .filter(|w| (1..=1000).contains(w))
-                .ok_or_else(|| {
-                    format!("'{opt}' is not a weight: expected ADDR,weight=N with N from 1 to 1000")
-                })?;
-            (addr, w)
-        }
-    };
-    Ok(BackendSpec {
-        addr: crate::config::parse_addr(addr)?,
-        weight,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pool(weights: &[u32], strategy: Strategy) -> Pool {
+    fn pool(weights: &[u32], strategy: Strategy) -> Backends {
         let specs: Vec<BackendSpec> = weights
             .iter()
             .enumerate()
@@ -532,11 +467,11 @@ mod tests {
             max_fails: 3,
             fail_timeout: Duration::from_secs(10),
         };
-        Pool::new(&specs, strategy, policy, 42)
+        Backends::new(&specs, strategy, policy, 42)
     }
 
     /// `--max-fails` (3) failed connects in a row: `idx` goes down at `at`.
-    fn take_down(p: &Pool, idx: usize, at: Instant) {
+    fn take_down(p: &Backends, idx: usize, at: Instant) {
         for _ in 0..3 {
             p.failed(idx, at, "refused");
         }
@@ -749,18 +684,5 @@ mod tests {
         let total: Vec<u32> = (0..3).map(|i| counts.iter().map(|c| c[i]).sum()).collect();
         assert_eq!(total, [200, 400, 600]);
         assert!((0..3).all(|i| p.active(i) == 0));
-    }
-
-    #[test]
-    fn backend_flags() {
-        assert_eq!(parse_backend("127.0.0.1:80").unwrap().weight, 1);
-        assert_eq!(parse_backend("127.0.0.1:80,weight=3").unwrap().weight, 3);
-        assert!(parse_backend("127.0.0.1:80,weight=0").is_err());
-        assert!(
-            parse_backend("127.0.0.1:80,w=2")
-                .unwrap_err()
-                .contains("weight=N")
-        );
-        assert!(parse_backend("nope,weight=2").is_err());
     }
 }

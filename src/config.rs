@@ -6,8 +6,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::balancer::{BackendSpec, Strategy};
-
 pub const DEFAULT_MEMORY_BUFFER: u64 = 64 * 1024;
 pub const DEFAULT_MAX_SPILL: u64 = 1 << 30;
 
@@ -194,6 +192,77 @@ impl Config {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Smooth weighted round-robin (nginx's): no bursts to one backend.
+    RoundRobin,
+    /// Fewest active connections per unit of weight.
+    LeastConn,
+    /// Power of two random choices on active connections per weight.
+    Random2,
+}
+
+impl Strategy {
+    pub fn parse(s: &str) -> Result<Strategy, String> {
+        match s {
+            "round-robin" => Ok(Strategy::RoundRobin),
+            "least-conn" => Ok(Strategy::LeastConn),
+            "random2" => Ok(Strategy::Random2),
+            _ => Err(format!(
+                "'{s}' is not a strategy: expected round-robin, least-conn or random2"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastConn => "least-conn",
+            Strategy::Random2 => "random2",
+        })
+    }
+}
+
+/// A backend as configured: `ADDR[,weight=N]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{},weight={}", self.addr, self.weight)
+        }
+    }
+}
+
+/// Parse `ADDR` or `ADDR,weight=N` for `--backend`.
+pub fn parse_backend(s: &str) -> Result<BackendSpec, String> {
+    let (addr, weight) = match s.split_once(',') {
+        None => (s, 1),
+        Some((addr, opt)) => {
+            let w = opt
+                .strip_prefix("weight=")
+                .and_then(|w| w.parse::<u32>().ok())
+                .filter(|w| (1..=1000).contains(w))
+                .ok_or_else(|| {
+                    format!("'{opt}' is not a weight: expected ADDR,weight=N with N from 1 to 1000")
+                })?;
+            (addr, w)
+        }
+    };
+    Ok(BackendSpec {
+        addr: parse_addr(addr)?,
+        weight,
+    })
+}
+
 /// Parse `host:port`, `[v6]:port` or `name:port` (resolved now, first
 /// address wins), for the command line.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -367,5 +436,18 @@ mod tests {
         c.validate().unwrap();
         c.temp_dir = "/nonexistent/spillway".into();
         assert_eq!(c.validate().unwrap_err().flag, "--temp-dir");
+    }
+
+    #[test]
+    fn backend_flags() {
+        assert_eq!(parse_backend("127.0.0.1:80").unwrap().weight, 1);
+        assert_eq!(parse_backend("127.0.0.1:80,weight=3").unwrap().weight, 3);
+        assert!(parse_backend("127.0.0.1:80,weight=0").is_err());
+        assert!(
+            parse_backend("127.0.0.1:80,w=2")
+                .unwrap_err()
+                .contains("weight=N")
+        );
+        assert!(parse_backend("nope,weight=2").is_err());
     }
 }

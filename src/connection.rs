@@ -22,17 +22,15 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::balancer::{Picked, Pool};
+use crate::balancer::{Backends, Picked};
 use crate::config::show_size;
-use crate::disk::DiskBudget;
-use crate::relay::{Culprit, Direction, Flow, Pumped, pump};
-use crate::spill::SpillBuffer;
+use crate::io_error::{describe, describe_connect_error, is_normal_close, is_out_of_resources};
+use crate::relay::{BufferPlan, Culprit, Direction, Flow, Pumped, pump};
 use crate::stats::Stats;
 use crate::timers::{Timer, Timers};
 
@@ -98,7 +96,7 @@ pub struct Connection {
     /// address (kept after close, for the summary).
     backend_idx: Option<usize>,
     /// That backend was down and this connection is its one trial: only
-    /// then may leaving early hand the trial back (`Pool::abandoned`).
+    /// then may leaving early hand the trial back (`Backends::abandoned`).
     backend_trial: bool,
     backend_addr: Option<SocketAddr>,
     /// The backend's non-blocking connect has completed.
@@ -144,32 +142,10 @@ pub struct Connection {
     gentle: bool,
 }
 
-/// How a connection's buffers are sized and where they spill.
-pub struct BufferPlan {
-    pub memory: usize,
-    pub max_spill: u64,
-    pub temp_dir: Arc<std::path::Path>,
-    pub disk: Arc<DiskBudget>,
-    /// `--spill-after`: how long a blocked receiver may take to catch up
-    /// before its backlog goes to disk.
-    pub spill_after: Duration,
-}
-
-impl BufferPlan {
-    fn buffer(&self) -> SpillBuffer {
-        SpillBuffer::new(
-            self.memory,
-            self.max_spill,
-            self.temp_dir.clone(),
-            self.disk.clone(),
-        )
-    }
-}
-
 /// What a connection needs from the event loop while it runs.
 pub struct Ctx<'a> {
     pub registry: &'a Registry,
-    pub pool: &'a Pool,
+    pub pool: &'a Backends,
     pub timers: &'a mut Timers,
     pub scratch: &'a mut [u8],
     pub stats: &'a Stats,
@@ -220,9 +196,8 @@ impl Connection {
             attempt: 0,
             tried: Vec::new(),
             failures: Vec::new(),
-            up: Direction::new("client->backend", plan.buffer()).with_spill_after(plan.spill_after),
-            down: Direction::new("backend->client", plan.buffer())
-                .with_spill_after(plan.spill_after),
+            up: plan.direction("client->backend"),
+            down: plan.direction("backend->client"),
             opened: Instant::now(),
             backend_connected_at: None,
             backend_held: None,
@@ -809,39 +784,3 @@ const LINGER: Duration = Duration::from_secs(2);
 /// How long a connection waits to try again when the process is out of
 /// file descriptors or kernel memory for its backend socket.
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
-
-/// The process (or the system) is out of fds or memory: no fault of the
-/// peer's, and likely to pass as connections close.
-pub fn is_out_of_resources(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// Resets and broken pipes are how peers end connections every day.
-fn is_normal_close(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::NotConnected
-    )
-}
-
-fn describe_connect_error(err: &io::Error) -> String {
-    match err.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
-        io::ErrorKind::TimedOut => "connect timed out".to_string(),
-        _ => format!("connect failed: {err}"),
-    }
-}
-
-fn describe(err: &io::Error) -> String {
-    match err.kind() {
-        io::ErrorKind::ConnectionReset => "reset".to_string(),
-        io::ErrorKind::BrokenPipe => "closed (broken pipe)".to_string(),
-        _ => format!("error: {err}"),
-    }
-}

@@ -25,7 +25,8 @@ use crate::buffer_pool;
 use crate::config::Config;
 use crate::connection::{Connection, Ctx, Side, Status};
 use crate::health::HealthChecks;
-use crate::proxy::Shared;
+use crate::io_error::is_transient_accept_error;
+use crate::shared::Shared;
 use crate::timers::{Timer, Timers};
 
 const FIRST_PROBE: usize = 2;
@@ -88,7 +89,7 @@ struct Draining {
 
 /// What one worker's part of a graceful shutdown came to.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Drained {
+pub struct ShutdownTally {
     /// Connections that finished on their own.
     pub finished: usize,
     /// Closed gently once nothing was moving.
@@ -96,6 +97,15 @@ pub struct Drained {
     /// Cut at the deadline, and the bytes they still held.
     pub cut: usize,
     pub undelivered: u64,
+}
+
+impl ShutdownTally {
+    pub fn add(&mut self, other: &ShutdownTally) {
+        self.finished += other.finished;
+        self.quiet_closed += other.quiet_closed;
+        self.cut += other.cut;
+        self.undelivered += other.undelivered;
+    }
 }
 
 pub struct Worker {
@@ -130,7 +140,7 @@ macro_rules! ctx {
     ($p:ident) => {
         Ctx {
             registry: $p.poll.registry(),
-            pool: &$p.shared.pool,
+            pool: &$p.shared.backends,
             timers: &mut $p.timers,
             scratch: &mut $p.scratch,
             stats: &$p.shared.stats,
@@ -190,7 +200,7 @@ impl Worker {
     /// shutdown is done.
     /// Serve until stopped (`None`) or until this worker's part of a
     /// graceful shutdown is over (what its drain came to).
-    pub fn run(mut self) -> io::Result<Option<Drained>> {
+    pub fn run(mut self) -> io::Result<Option<ShutdownTally>> {
         if self.health.is_some() {
             self.timers.arm(Instant::now(), Timer::HealthRound);
         }
@@ -236,7 +246,7 @@ impl Worker {
                     }
                 }
             }
-            if self.shared.stopping() {
+            if self.shared.lifecycle.stopping() {
                 return Ok(None);
             }
             self.hear_the_others();
@@ -276,16 +286,14 @@ impl Worker {
     /// loads when nothing did.
     fn hear_the_others(&mut self) {
         if self.draining.is_none() {
-            if let Some(deadline) = self.shared.shutdown_deadline() {
+            if let Some(deadline) = self.shared.lifecycle.shutdown_deadline() {
                 self.begin_drain(deadline);
             }
         }
-        if self.accepting.at_limit
-            && self.shared.open_connections() < self.shared.config.max_connections
-        {
+        if self.accepting.at_limit && self.shared.limit.has_room() {
             self.accepting.at_limit = false;
             self.accepting.pending = true;
-            self.shared.below_limit();
+            self.shared.limit.below_limit();
         }
     }
 
@@ -407,7 +415,7 @@ impl Worker {
                     if let Some(health) = &mut self.health {
                         let timeout = self.shared.config.connect_timeout;
                         health.round(
-                            &self.shared.pool,
+                            &self.shared.backends,
                             self.poll.registry(),
                             &mut self.timers,
                             timeout,
@@ -416,7 +424,12 @@ impl Worker {
                 }
                 Timer::HealthTimeout { backend, probe } => {
                     if let Some(health) = &mut self.health {
-                        health.on_timeout(backend, probe, &self.shared.pool, self.poll.registry());
+                        health.on_timeout(
+                            backend,
+                            probe,
+                            &self.shared.backends,
+                            self.poll.registry(),
+                        );
                     }
                 }
             }
@@ -451,7 +464,7 @@ impl Worker {
     fn on_probe_event(&mut self, token: Token) {
         if let Some(health) = &mut self.health {
             if let Some(idx) = health.backend_of(token) {
-                health.on_event(idx, &self.shared.pool, self.poll.registry());
+                health.on_event(idx, &self.shared.backends, self.poll.registry());
             }
         }
     }
@@ -474,7 +487,7 @@ impl Worker {
     /// One step of a graceful shutdown: close connections that have gone
     /// quiet, and everything once the deadline has passed. What the drain
     /// came to once it is over and this worker may return.
-    fn drain_step(&mut self) -> Option<Drained> {
+    fn drain_step(&mut self) -> Option<ShutdownTally> {
         let now = Instant::now();
         let d = self.draining.as_ref()?;
         if self.live > 0 && now < d.next_check {
@@ -514,7 +527,7 @@ impl Worker {
         }
         if self.live == 0 || out_of_time {
             let d = self.draining.as_ref().expect("draining");
-            return Some(Drained {
+            return Some(ShutdownTally {
                 finished: d.drained,
                 quiet_closed: d.quiet_closed,
                 cut,
@@ -537,7 +550,7 @@ impl Worker {
             };
             // The place is taken before the accept, so that workers
             // accepting at once cannot go over the limit together.
-            if !self.shared.reserve_connection() {
+            if !self.shared.limit.reserve() {
                 self.accepting.at_limit = true;
                 return;
             }
@@ -562,7 +575,7 @@ impl Worker {
                     // there was one, is over. (Resetting on each success
                     // would log again after every close while fds stay
                     // short, one accept at a time.)
-                    self.shared.accept_burst_ends(self.index);
+                    self.shared.accept_errors.burst_ends(self.index);
                     self.accepting.pending = false;
                     return;
                 }
@@ -573,7 +586,7 @@ impl Worker {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM: the client stays in
                     // the backlog. Try again when a connection closes, or
                     // after a pause; say so once per burst.
-                    if self.shared.accept_burst_begins(self.index) {
+                    if self.shared.accept_errors.burst_begins(self.index) {
                         log::error!(
                             "accept on {} failed: {e}; pausing accepts until a connection closes (at most {:?})",
                             self.local_addr,
@@ -657,16 +670,6 @@ fn connection(slots: &mut [Option<Connection>], slot: usize, id: u64) -> Option<
 fn max_attempts(config: &Config) -> usize {
     let others = config.backends.len() - 1;
     1 + config.connect_retries.map_or(others, |n| n.min(others))
-}
-
-/// Errors after which the next accept may well succeed at once.
-fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionReset
-    ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
-use spillway::balancer::{BackendSpec, Strategy, parse_backend};
-use spillway::config::{self, Config, parse_addr, parse_duration, parse_size};
+use spillway::config::{
+    self, BackendSpec, Config, Strategy, parse_addr, parse_backend, parse_duration, parse_size,
+};
 use spillway::demo::{self, DemoOptions};
 use spillway::logging::{self, LevelFilter, parse_level};
 
@@ -222,10 +223,11 @@ fn serve(cli: Cli) -> ExitCode {
                 log::error!("{e}");
             }
             eprintln!("spillway: {e}");
-            if e.is::<config::ConfigError>() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
+            // A bad configuration exits 2, as a bad flag does; anything
+            // the system refused exits 1.
+            match e.downcast_ref::<spillway::StartError>() {
+                Some(spillway::StartError::Config(_)) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
             }
         }
     }

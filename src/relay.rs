@@ -9,8 +9,11 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::disk::DiskBudget;
 use crate::spill::{Drain, Fill, SpillBuffer};
 
 /// Rounds (a write and a read each) one `pump` call may make before it
@@ -125,6 +128,30 @@ impl<T: Receiver + ?Sized> Receiver for &mut T {
 
 /// Plain byte slices send, for tests and for anything else in memory.
 impl Sender for &[u8] {}
+
+/// How a connection's buffers are sized and where they spill.
+pub struct BufferPlan {
+    pub memory: usize,
+    pub max_spill: u64,
+    pub temp_dir: Arc<Path>,
+    pub disk: Arc<DiskBudget>,
+    /// `--spill-after`: how long a blocked receiver may take to catch up
+    /// before its backlog goes to disk.
+    pub spill_after: Duration,
+}
+
+impl BufferPlan {
+    /// A new direction, `label` naming it in logs.
+    pub fn direction(&self, label: &'static str) -> Direction {
+        let buf = SpillBuffer::new(
+            self.memory,
+            self.max_spill,
+            self.temp_dir.clone(),
+            self.disk.clone(),
+        );
+        Direction::new(label, buf).with_spill_after(self.spill_after)
+    }
+}
 
 /// Which end a failure came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -449,9 +476,6 @@ fn discard<R: Read>(dir: &mut Direction, mut src: Option<R>, scratch: &mut [u8])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::DiskBudget;
-    use std::path::Path;
-    use std::sync::Arc;
 
     /// A receiver that takes at most `window` bytes until it is reopened.
     struct Window {

@@ -44,6 +44,7 @@ use std::sync::Arc;
 
 use crate::buffer_pool;
 use crate::disk::DiskBudget;
+use crate::io_error::{is_file_read_error, is_unsupported};
 
 mod zerocopy;
 use zerocopy::{Pipe, largest_folio};
@@ -351,7 +352,7 @@ impl SpillBuffer {
             } else {
                 Fill::WouldBlock
             }),
-            Err(e) if refused(&e) => {
+            Err(e) if is_unsupported(&e) => {
                 log::debug!("splice from a socket refused ({e}); reading instead");
                 self.splice = Splice::Never;
                 None
@@ -408,7 +409,7 @@ impl SpillBuffer {
                         return Drain::Gave(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drain::WouldBlock,
-                    Err(e) if refused(&e) => {
+                    Err(e) if is_unsupported(&e) => {
                         log::debug!("splice to a socket refused ({e}); writing instead");
                         self.splice = Splice::Never;
                     }
@@ -481,21 +482,14 @@ impl SpillBuffer {
                 Some(Drain::Gave(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Drain::WouldBlock),
-            Err(e) if refused(&e) => {
+            Err(e) if is_unsupported(&e) => {
                 log::debug!("sendfile refused ({e}); reading instead");
                 self.can_sendfile = false;
                 None
             }
             // The errors of reading a file; anything else is the socket's
             // (and consumed by this call: it must be reported now).
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EIO | libc::EFBIG | libc::EOVERFLOW | libc::ENXIO)
-                ) =>
-            {
-                Some(Drain::SpillFailed(e))
-            }
+            Err(e) if is_file_read_error(&e) => Some(Drain::SpillFailed(e)),
             Err(e) => Some(Drain::SinkFailed(e)),
         }
     }
@@ -728,16 +722,6 @@ impl Drop for SpillBuffer {
         buffer_pool::give(std::mem::take(&mut self.mem));
         self.close_file();
     }
-}
-
-/// The kernel will not splice or send a file between these two: it says
-/// so before touching either, so nothing was consumed, and plain reads and
-/// writes can take over.
-fn refused(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE)
-    )
 }
 
 /// `len`, or its largest multiple of `unit` if that is not zero.

@@ -21,10 +21,33 @@ struct Outcome {
 
 /// Run the binary with `args` and wait (bounded) for it to exit.
 fn run(args: &[&str]) -> Outcome {
+    run_with_fds(args, None)
+}
+
+/// `run`, with at most `fd_limit` file descriptors if given.
+fn run_with_fds(args: &[&str], fd_limit: Option<u64>) -> Outcome {
+    use std::os::unix::process::CommandExt;
     let work = TempDir::new("cli");
     let out_path = work.path().join("stdout");
     let err_path = work.path().join("stderr");
-    let mut child = Command::new(bin())
+    let mut command = Command::new(bin());
+    if let Some(limit) = fd_limit {
+        // SAFETY: setrlimit is async-signal-safe; the struct is a local.
+        unsafe {
+            command.pre_exec(move || {
+                let rl = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
@@ -272,6 +295,33 @@ fn bad_log_level_is_refused() {
         ],
         "--log-level",
     );
+}
+
+/// A start-up failure that is the system's, not the operator's (here: no
+/// fd left for a listening socket, an epoll instance or a waker) exits 1,
+/// with one line saying what could not be had; exit 2 means a bad flag.
+#[test]
+fn running_out_of_fds_at_start_exits_1() {
+    for limit in [4, 5, 6] {
+        let args = [
+            "--listen",
+            LISTEN,
+            "--backend",
+            &some_backend(),
+            "--workers",
+            "2",
+        ];
+        let out = run_with_fds(&args, Some(limit));
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(out.code, Some(1), "{limit} fds: {}", out.stderr);
+        assert_eq!(lines.len(), 1, "{limit} fds: {:?}", out.stderr);
+        assert!(
+            lines[0].starts_with("spillway: cannot start: ")
+                && lines[0].contains("Too many open files"),
+            "{limit} fds: {:?}",
+            lines[0]
+        );
+    }
 }
 
 #[test]
