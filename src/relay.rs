@@ -411,7 +411,7 @@ pub fn pump<R: Sender, W: Receiver>(
         {
             let src = src.as_mut().expect("an open direction has a sender");
             let fd = src.fd();
-            match dir.buf.fill(src, fd, scratch) {
+            match dir.buf.fill(src, fd, scratch, usize::MAX) {
                 Fill::Took(n) => {
                     dir.bytes_in += n as u64;
                     progressed = true;
