@@ -100,6 +100,30 @@ pub struct Picked {
     pub trial: bool,
 }
 
+/// The backends one connection may still try, in the strategy's order:
+/// each at most once, at most `max` in all. "Pick, fail, pick the next" is
+/// one loop over it. Every backend it yields is claimed (counted active,
+/// and its trial owned if it was down) until `Backends::release`. `tried`
+/// is the caller's, so that it outlives a connect in flight.
+pub struct Candidates<'a> {
+    backends: &'a Backends,
+    tried: &'a mut Vec<usize>,
+    max: usize,
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = Picked;
+
+    fn next(&mut self) -> Option<Picked> {
+        if self.tried.len() >= self.max {
+            return None;
+        }
+        let picked = self.backends.pick_claiming(Instant::now(), self.tried)?;
+        self.tried.push(picked.idx);
+        Some(picked)
+    }
+}
+
 /// The pool is shared by every worker thread; all of its state is atomics.
 pub struct Backends {
     backends: Vec<Backend>,
@@ -161,6 +185,16 @@ impl Backends {
 
     pub fn is_up(&self, idx: usize) -> bool {
         self.state(idx).standing == Standing::Up
+    }
+
+    /// The backends a connection that has tried `tried` may try next, at
+    /// most `max` tries in all (see `Candidates`).
+    pub fn candidates<'a>(&'a self, tried: &'a mut Vec<usize>, max: usize) -> Candidates<'a> {
+        Candidates {
+            backends: self,
+            tried,
+            max,
+        }
     }
 
     /// Choose a backend for a connection that has already tried `tried`.
@@ -622,6 +656,24 @@ mod tests {
 
     /// Exactly one connection owns a returning backend's trial, and knows
     /// it: only the owner may hand it back.
+    /// Candidates yield each backend once, in round-robin order, up to the
+    /// connection's tries, and remember them across calls.
+    #[test]
+    fn candidates_are_each_backend_once_up_to_max() {
+        let p = pool(&[1, 1, 1], Strategy::RoundRobin);
+        let mut tried = Vec::new();
+        let first: Vec<usize> = p.candidates(&mut tried, 2).map(|c| c.idx).collect();
+        assert_eq!(first.len(), 2);
+        assert!(p.candidates(&mut tried, 2).next().is_none(), "max reached");
+        let rest: Vec<usize> = p.candidates(&mut tried, 5).map(|c| c.idx).collect();
+        assert_eq!(rest.len(), 1);
+        let mut all = [first, rest].concat();
+        all.sort();
+        assert_eq!(all, [0, 1, 2]);
+        (0..3).for_each(|i| p.release(i));
+        assert!((0..3).all(|i| p.active(i) == 0));
+    }
+
     #[test]
     fn one_pick_owns_the_trial() {
         let p = pool(&[1, 1], Strategy::RoundRobin);

@@ -18,9 +18,12 @@ pub mod logging;
 pub mod proxy;
 pub mod relay;
 pub mod shared;
+pub mod slab;
 pub mod spill;
 pub mod stats;
+pub mod tcp;
 pub mod timers;
+pub mod upstream;
 
 pub use config::{Config, ConfigError};
 pub use proxy::{Proxy, StartError, Stopper};
