@@ -34,7 +34,7 @@ const FIRST_PROBE: usize = 2;
 /// accept also dials a backend, which on loopback runs the whole handshake
 /// inside our call, so a long run of accepts holds every open
 /// connection's response: the latency tail under a connection-per-request
-/// load. (How 16 was chosen: docs/performance.md, "accepts per turn".)
+/// load. (Why 16: docs/performance.md, "What each change bought".)
 const ACCEPTS_PER_TURN: usize = 16;
 
 /// How long to stop accepting when the process is out of file descriptors
@@ -57,7 +57,8 @@ const MIN_PEAK_TO_TRIM: usize = 64;
 
 /// The spill path's scratch buffer (one per worker) is `--memory-buffer`
 /// clamped to this range: a spilling direction then makes one read and one
-/// `pwrite` per 256KiB at least (docs/performance.md, "spill reads").
+/// `pwrite` per 256KiB at least (why: docs/performance.md, "What each change
+/// bought").
 const MIN_SCRATCH: usize = 256 * 1024;
 const MAX_SCRATCH: usize = 1 << 20;
 
@@ -247,7 +248,7 @@ impl Worker {
             self.wake_disk_waiters(&mut lists.touched);
             // First come, first driven: sorting by slot instead would serve
             // low slots first in every busy turn and give the high ones the
-            // latency tail (p99 +40% under a connection-per-request load).
+            // latency tail (docs/performance.md, "What each change bought").
             dedup_in_order(&mut lists.touched, &mut lists.seen);
             self.drive_touched(&lists.touched, &mut lists.busy);
             if let Some(tally) = self.shutdown_step() {
