@@ -823,6 +823,22 @@ mod tests {
         outcome
     }
 
+    /// `pump_with` until the turn's budget is not what stopped it.
+    fn pump_out<R: Sender, W: Receiver>(
+        dir: &mut Direction,
+        mut src: Option<R>,
+        mut dst: Option<W>,
+        ready: &mut Ready,
+        scratch: &mut [u8],
+    ) -> Pumped {
+        loop {
+            match pump_with(dir, src.as_mut(), dst.as_mut(), ready, scratch) {
+                Pumped::MoreWork => {}
+                other => return other,
+            }
+        }
+    }
+
     fn direction(mem: usize, spill: u64) -> (tempfile::TempDir, Direction) {
         let dir = tempfile::tempdir().unwrap();
         let path: Arc<Path> = dir.path().into();
@@ -845,26 +861,26 @@ mod tests {
         let mut scratch = vec![0u8; 64];
         ready.src = true;
         ready.dst = true;
-        while let Pumped::MoreWork = pump_with(
+        pump_out(
             &mut dir,
             Some(&mut src),
             Some(&mut rx),
             &mut ready,
             &mut scratch,
-        ) {}
+        );
         assert_eq!(dir.buf.len(), 400, "memory plus max-spill, no more");
         assert!(ready.src, "the sender is still readable: remembered");
         assert!(!ready.dst);
         // The receiver opens up: a writable event, and nothing from the sender.
         rx.window = usize::MAX;
         ready.dst = true;
-        while let Pumped::MoreWork = pump_with(
+        pump_out(
             &mut dir,
             Some(&mut src),
             Some(&mut rx),
             &mut ready,
             &mut scratch,
-        ) {}
+        );
         assert_eq!(rx.got, data, "all bytes, in order");
         assert_eq!(dir.flow, Flow::Closed, "EOF passed on");
         assert!(rx.shut);
@@ -911,13 +927,13 @@ mod tests {
             ready.src = true;
             ready.closing = closing;
             ready.dst = true;
-            while let Pumped::MoreWork = pump_with(
+            pump_out(
                 &mut dir,
                 Some(&mut src),
                 Some(&mut rx),
                 &mut ready,
                 &mut scratch,
-            ) {}
+            );
             assert_eq!(rx.got, b"GET / HTTP/1.1\r\n\r\n");
             if closing {
                 assert_eq!(dir.flow, Flow::Closed, "the waiting EOF was read");
@@ -941,13 +957,13 @@ mod tests {
         let mut scratch = vec![0u8; 64 * 1024];
         ready.src = true;
         // A stalled receiver: 8MiB pile up, memory then disk.
-        while let Pumped::MoreWork = pump_with(
+        pump_out(
             &mut dir,
             Some(&mut src),
             Some(&mut rx),
             &mut ready,
             &mut scratch,
-        ) {}
+        );
         assert_eq!(dir.buf.len(), 8 << 20);
         // The receiver now takes anything, and the sender has 8MiB more.
         src.left = 8 << 20;
@@ -985,9 +1001,7 @@ mod tests {
         dst: &mut W,
     ) {
         let mut scratch = vec![0u8; 64];
-        while let Pumped::MoreWork =
-            pump_with(dir, Some(&mut *src), Some(&mut *dst), ready, &mut scratch)
-        {}
+        pump_out(dir, Some(&mut *src), Some(&mut *dst), ready, &mut scratch);
     }
 
     /// Memory full, the receiver blocked: the sender is not read (no
@@ -1240,13 +1254,13 @@ mod tests {
         let mut src = &data[..];
         let mut scratch = vec![0u8; 512];
         ready.src = true;
-        while let Pumped::MoreWork = pump_with(
+        pump_out(
             &mut dir,
             Some(&mut src),
             None::<&mut Window>,
             &mut ready,
             &mut scratch,
-        ) {}
+        );
         assert_eq!(dir.flow, Flow::Flushing);
         assert_eq!(dir.buf.len(), 5000);
         assert!(dir.buf.has_spilled());
@@ -1267,24 +1281,26 @@ mod tests {
         ready.src = true;
         ready.dst = true;
         dir.expect(300);
-        let outcome = loop {
-            match pump_with(&mut dir, Some(&mut src), Some(&mut rx), &mut ready, &mut scratch) {
-                Pumped::MoreWork => {}
-                other => break other,
-            }
-        };
+        let outcome = pump_out(
+            &mut dir,
+            Some(&mut src),
+            Some(&mut rx),
+            &mut ready,
+            &mut scratch,
+        );
         assert!(matches!(outcome, Pumped::Complete), "{outcome:?}");
         assert_eq!(rx.got, data[..300], "exactly the message");
         assert_eq!(src.len(), 700, "nothing read past its end");
         assert!(ready.src, "the sender's readiness is kept for the next one");
         assert!(dir.message_taken());
         dir.expect(700);
-        let outcome = loop {
-            match pump_with(&mut dir, Some(&mut src), Some(&mut rx), &mut ready, &mut scratch) {
-                Pumped::MoreWork => {}
-                other => break other,
-            }
-        };
+        let outcome = pump_out(
+            &mut dir,
+            Some(&mut src),
+            Some(&mut rx),
+            &mut ready,
+            &mut scratch,
+        );
         assert!(matches!(outcome, Pumped::Complete), "{outcome:?}");
         assert_eq!(rx.got, data);
         assert_eq!(dir.flow, Flow::Open, "a message's end is not the stream's");
@@ -1303,9 +1319,13 @@ mod tests {
         let mut scratch = vec![0u8; 128];
         ready.src = true;
         ready.dst = true;
-        while let Pumped::MoreWork =
-            pump_with(&mut dir, Some(&mut src), Some(&mut rx), &mut ready, &mut scratch)
-        {}
+        pump_out(
+            &mut dir,
+            Some(&mut src),
+            Some(&mut rx),
+            &mut ready,
+            &mut scratch,
+        );
         let held = dir.held();
         assert!(held > 0);
         let unread = src.len();
@@ -1314,10 +1334,17 @@ mod tests {
         rx.window = usize::MAX;
         ready.dst = true;
         ready.src = true;
-        while let Pumped::MoreWork =
-            pump_with(&mut dir, Some(&mut src), Some(&mut rx), &mut ready, &mut scratch)
-        {}
-        assert_eq!(rx.got, b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n");
+        pump_out(
+            &mut dir,
+            Some(&mut src),
+            Some(&mut rx),
+            &mut ready,
+            &mut scratch,
+        );
+        assert_eq!(
+            rx.got,
+            b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n"
+        );
         assert!(rx.shut, "then EOF");
         assert_eq!(dir.flow, Flow::Closed);
         assert_eq!(src.len(), unread, "the sender is not read after an answer");
@@ -1331,13 +1358,13 @@ mod tests {
         let mut src = &data[..];
         let mut scratch = vec![0u8; 512];
         ready.src = true;
-        while let Pumped::MoreWork = pump_with(
+        pump_out(
             &mut dir,
             Some(&mut src),
             None::<&mut Window>,
             &mut ready,
             &mut scratch,
-        ) {}
+        );
         dir.abort();
         assert_eq!(dir.bytes_dropped, 1000);
         assert!(dir.buf.is_empty());

@@ -26,26 +26,12 @@ fn run(args: &[&str]) -> Outcome {
 
 /// `run`, with at most `fd_limit` file descriptors if given.
 fn run_with_fds(args: &[&str], fd_limit: Option<u64>) -> Outcome {
-    use std::os::unix::process::CommandExt;
     let work = TempDir::new("cli");
     let out_path = work.path().join("stdout");
     let err_path = work.path().join("stderr");
     let mut command = Command::new(bin());
     if let Some(limit) = fd_limit {
-        // SAFETY: setrlimit is async-signal-safe; the struct is a local.
-        unsafe {
-            command.pre_exec(move || {
-                let rl = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        limit_open_files(&mut command, limit);
     }
     let mut child = command
         .args(args)
