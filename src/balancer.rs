@@ -654,8 +654,6 @@ mod tests {
         assert_eq!(tried, [0, 1, 2]);
     }
 
-    /// Exactly one connection owns a returning backend's trial, and knows
-    /// it: only the owner may hand it back.
     /// Candidates yield each backend once, in round-robin order, up to the
     /// connection's tries, and remember them across calls.
     #[test]
@@ -674,6 +672,8 @@ mod tests {
         assert!((0..3).all(|i| p.active(i) == 0));
     }
 
+    /// Exactly one connection owns a returning backend's trial, and knows
+    /// it: only the owner may hand it back.
     #[test]
     fn one_pick_owns_the_trial() {
         let p = pool(&[1, 1], Strategy::RoundRobin);

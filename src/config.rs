@@ -72,7 +72,64 @@ pub struct Config {
     /// Keep a backend that has sent EOF connected until the client has
     /// sent EOF too (full half-duplex), instead of releasing it at once.
     pub keep_half_open: bool,
+    /// What a connection carries: bytes (`tcp`) or HTTP/1.1 messages.
+    pub mode: Mode,
+    /// HTTP: larger request bodies get 413; 0: no limit but what the
+    /// buffer holds (`--memory-buffer` + `--max-spill`).
+    pub max_request_body: u64,
+    /// HTTP: a request head larger than this gets 431.
+    pub max_header_size: u64,
+    /// HTTP: the whole request head must arrive within this.
+    pub client_header_timeout: Duration,
+    /// HTTP: longest gap between two reads of a request body.
+    pub client_body_timeout: Duration,
+    /// HTTP: how long an idle client connection is kept between requests.
+    pub keepalive_timeout: Duration,
+    /// HTTP: longest wait for a response head, and longest gap in a body.
+    pub backend_timeout: Duration,
+    /// HTTP: idle backend connections kept per backend per worker.
+    pub upstream_keepalive: usize,
 }
+
+/// What a connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Bytes, both ways, as they come.
+    Tcp,
+    /// HTTP/1.1: whole requests and responses, backends per request.
+    Http,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s {
+            "tcp" => Ok(Mode::Tcp),
+            "http" => Ok(Mode::Http),
+            _ => Err(format!("'{s}' is not a mode: expected tcp or http")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Tcp => "tcp",
+            Mode::Http => "http",
+        })
+    }
+}
+
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1 << 30;
+pub const DEFAULT_MAX_HEADER_SIZE: u64 = 32 * 1024;
+/// A head must hold a request line and a Host; past a MiB it is an attack.
+pub const MIN_HEADER_SIZE: u64 = 1024;
+pub const MAX_HEADER_SIZE: u64 = 1 << 20;
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_UPSTREAM_KEEPALIVE: usize = 32;
+pub const MAX_UPSTREAM_KEEPALIVE: usize = 10_000;
 
 /// One worker per core the process may run on.
 pub fn default_workers() -> usize {
@@ -100,6 +157,14 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             workers: 1,
             keep_half_open: false,
+            mode: Mode::Tcp,
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE,
+            client_header_timeout: DEFAULT_CLIENT_HEADER_TIMEOUT,
+            client_body_timeout: DEFAULT_CLIENT_BODY_TIMEOUT,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            backend_timeout: DEFAULT_BACKEND_TIMEOUT,
+            upstream_keepalive: DEFAULT_UPSTREAM_KEEPALIVE,
         }
     }
 }
@@ -134,6 +199,10 @@ impl Config {
             ("--fail-timeout", self.fail_timeout),
             ("--health-check", self.health_check.unwrap_or(Duration::MAX)),
             ("--idle-timeout", self.idle_timeout),
+            ("--client-header-timeout", self.client_header_timeout),
+            ("--client-body-timeout", self.client_body_timeout),
+            ("--keepalive-timeout", self.keepalive_timeout),
+            ("--backend-timeout", self.backend_timeout),
         ];
         for (flag, d) in positive {
             if d.is_zero() {
@@ -167,6 +236,24 @@ impl Config {
                 format!(
                     "{} is out of range: expected a size from 1KiB to 1GiB, e.g. 64KiB",
                     self.memory_buffer
+                ),
+            );
+        }
+        if !(MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&self.max_header_size) {
+            return refuse(
+                "--max-header-size",
+                format!(
+                    "{} is out of range: expected a size from 1KiB to 1MiB, e.g. 32KiB",
+                    self.max_header_size
+                ),
+            );
+        }
+        if self.upstream_keepalive > MAX_UPSTREAM_KEEPALIVE {
+            return refuse(
+                "--upstream-keepalive",
+                format!(
+                    "{} is out of range: expected 0 to {MAX_UPSTREAM_KEEPALIVE}, e.g. 32",
+                    self.upstream_keepalive
                 ),
             );
         }
@@ -319,7 +406,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         u128::from(1u64 * unit)
     };
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+    // A fraction of a byte is no size: `--max-disk 0.9` is a typo, not 0.
+    let bad_fraction = number.contains('.') && unit.is_empty();
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') || bad_fraction {
         return Err(not_a_size());
     }
     let too_large = || {
@@ -334,8 +423,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     } else {
         whole.parse().map_err(|_| too_large())?
     };
-    // Digits past the 18th cannot change a whole number of bytes.
-    let fraction = &fraction[..fraction.len().min(18)];
+    // 10^-20 of the largest unit (2^60) is below a byte: digits past the
+    // 20th cannot change a whole number of bytes (and 10^20 * 2^60 still
+    // fits a u128).
+    let fraction = &fraction[..fraction.len().min(20)];
     let scale = 10u128.pow(fraction.len() as u32);
     let fraction: u128 = if fraction.is_empty() {
         0

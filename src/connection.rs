@@ -12,11 +12,13 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use crate::balancer::Backends;
+use crate::config::Config;
+use crate::http::HttpConnection;
 use crate::relay::BufferPlan;
 use crate::stats::Stats;
 use crate::tcp::TcpConnection;
 use crate::timers::Timers;
-use crate::upstream::LegTable;
+use crate::upstream::{IdlePool, LegTable};
 
 /// Which socket of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,8 +111,9 @@ pub struct Ctx<'a> {
     pub registry: &'a Registry,
     pub tokens: Tokens,
     pub backends: &'a Backends,
-    /// The worker's backend sockets.
+    /// The worker's backend sockets, and the idle ones kept for reuse.
     pub legs: &'a mut LegTable,
+    pub idle: &'a mut IdlePool,
     pub timers: &'a mut Timers,
     /// Carries bytes bound for a spill file.
     pub scratch: &'a mut [u8],
@@ -124,17 +127,27 @@ pub struct Ctx<'a> {
     /// `--keep-half-open`: a backend that has sent EOF stays connected
     /// until the client half-closes too.
     pub keep_half_open: bool,
+    pub config: &'a Config,
+    /// A graceful shutdown has begun: finish what is in flight, take no
+    /// new request.
+    pub stopping: bool,
 }
 
-/// A client connection in a worker's slab, of whichever protocol.
+/// A client connection in a worker's slab, of whichever protocol. A slab
+/// place is as large as the largest variant: HTTP's, larger, is boxed;
+/// TCP's stays inline, since a connection per request must not cost an
+/// allocation more.
+#[allow(clippy::large_enum_variant)]
 pub enum Session {
     Tcp(TcpConnection),
+    Http(Box<HttpConnection>),
 }
 
 impl Session {
     pub fn id(&self) -> u64 {
         match self {
             Session::Tcp(c) => c.id.0,
+            Session::Http(c) => c.id.0,
         }
     }
 
@@ -142,6 +155,7 @@ impl Session {
     pub fn on_client_event(&mut self, event: &mio::event::Event) {
         match self {
             Session::Tcp(c) => c.on_client_event(event),
+            Session::Http(c) => c.on_client_event(event),
         }
     }
 
@@ -149,6 +163,7 @@ impl Session {
     pub fn on_leg_event(&mut self, key: usize, event: &mio::event::Event) {
         match self {
             Session::Tcp(c) => c.on_leg_event(key, event),
+            Session::Http(c) => c.on_leg_event(key, event),
         }
     }
 
@@ -156,6 +171,7 @@ impl Session {
     pub fn drive(&mut self, ctx: &mut Ctx) -> Status {
         match self {
             Session::Tcp(c) => c.drive(ctx),
+            Session::Http(c) => c.drive(ctx),
         }
     }
 
@@ -163,6 +179,7 @@ impl Session {
     pub fn on_connect_timeout(&mut self, attempt: u32, ctx: &mut Ctx) {
         match self {
             Session::Tcp(c) => c.on_connect_timeout(attempt, ctx),
+            Session::Http(c) => c.on_connect_timeout(attempt, ctx),
         }
     }
 
@@ -170,6 +187,7 @@ impl Session {
     pub fn on_connect_retry(&mut self, ctx: &mut Ctx) {
         match self {
             Session::Tcp(c) => c.on_connect_retry(ctx),
+            Session::Http(c) => c.on_connect_retry(ctx),
         }
     }
 
@@ -178,6 +196,7 @@ impl Session {
     pub fn close_now(&mut self, reason: &str, gentle: bool, ctx: &mut Ctx) -> Status {
         match self {
             Session::Tcp(c) => c.close_now(reason, gentle, ctx),
+            Session::Http(c) => c.close_now(reason, gentle, ctx),
         }
     }
 
@@ -185,6 +204,7 @@ impl Session {
     pub fn idle_for(&self, now: Instant) -> Duration {
         match self {
             Session::Tcp(c) => c.idle_for(now),
+            Session::Http(c) => c.idle_for(now),
         }
     }
 
@@ -192,6 +212,7 @@ impl Session {
     pub fn held(&self) -> u64 {
         match self {
             Session::Tcp(c) => c.held(),
+            Session::Http(c) => c.held(),
         }
     }
 
@@ -199,6 +220,7 @@ impl Session {
     pub fn is_quiet(&self) -> bool {
         match self {
             Session::Tcp(c) => c.is_quiet(),
+            Session::Http(c) => c.is_quiet(),
         }
     }
 
@@ -207,6 +229,7 @@ impl Session {
     pub fn waiting_for_disk(&self) -> bool {
         match self {
             Session::Tcp(c) => c.waiting_for_disk(),
+            Session::Http(c) => c.waiting_for_disk(),
         }
     }
 }
@@ -223,4 +246,20 @@ pub fn close_stream(stream: TcpStream, reset: bool) {
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     }
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_name_their_socket_back() {
+        let t = Tokens { conn_base: 5 };
+        for k in [0, 1, 7, 1000] {
+            assert_eq!(t.key(t.client(k)), Key::Client(k));
+            assert_eq!(t.key(t.leg(k)), Key::Leg(k));
+        }
+        assert_eq!(t.key(Token(4)), Key::Fixed(4));
+        assert_ne!(t.client(3), t.leg(3));
+    }
 }

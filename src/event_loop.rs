@@ -18,14 +18,16 @@ use mio::net::TcpListener;
 use mio::{Events, Poll, Token};
 
 use crate::buffer_pool;
+use crate::config::Mode;
 use crate::connection::{Ctx, Key, Session, Status, Tokens};
 use crate::health::HealthChecks;
+use crate::http::HttpConnection;
 use crate::io_error::is_transient_accept_error;
 use crate::shared::Shared;
 use crate::slab::Slab;
 use crate::tcp::TcpConnection;
 use crate::timers::{Timer, Timers};
-use crate::upstream::{LegOwner, LegTable};
+use crate::upstream::{IdlePool, LegOwner, LegTable};
 
 /// Token of backend 0's health probe; backend i's is `FIRST_PROBE + i`.
 const FIRST_PROBE: usize = 2;
@@ -111,8 +113,11 @@ struct Env {
     shared: Arc<Shared>,
     tokens: Tokens,
     legs: LegTable,
+    idle: IdlePool,
     timers: Timers,
     scratch: Vec<u8>,
+    /// A graceful shutdown has begun.
+    stopping: bool,
     /// Backends one connection may try: the first, then
     /// `--connect-retries` others (default: all of them, once each).
     max_attempts: usize,
@@ -126,6 +131,7 @@ impl Env {
             tokens: self.tokens,
             backends: &self.shared.backends,
             legs: &mut self.legs,
+            idle: &mut self.idle,
             timers: &mut self.timers,
             scratch: &mut self.scratch,
             stats: &self.shared.stats,
@@ -133,6 +139,8 @@ impl Env {
             connect_timeout: config.connect_timeout,
             max_attempts: self.max_attempts,
             keep_half_open: config.keep_half_open,
+            config,
+            stopping: self.stopping,
         }
     }
 }
@@ -197,9 +205,11 @@ impl Worker {
                 poll,
                 tokens,
                 legs: LegTable::default(),
+                idle: IdlePool::new(config.backends.len(), config.upstream_keepalive),
                 timers: Timers::default(),
                 scratch,
                 max_attempts,
+                stopping: false,
                 shared,
             },
             conns: Slab::default(),
@@ -298,6 +308,10 @@ impl Worker {
                                 conn.on_leg_event(key, event);
                                 touched.push(slot);
                             }
+                        }
+                        Some(&LegOwner::Idle { backend }) => {
+                            let env = &mut self.env;
+                            env.idle.on_event(backend, key, event, &mut env.legs);
                         }
                         None => {}
                     },
@@ -449,7 +463,9 @@ impl Worker {
                         touched.push(slot);
                     }
                 }
-                Timer::LingerEnd { slot, conn } | Timer::SpillDue { slot, conn } => {
+                Timer::LingerEnd { slot, conn }
+                | Timer::SpillDue { slot, conn }
+                | Timer::Deadline { slot, conn } => {
                     if connection(&mut self.conns, slot, conn).is_some() {
                         touched.push(slot);
                     }
@@ -502,8 +518,9 @@ impl Worker {
                 self.retire(slot);
             }
         }
-        self.env
-            .timers
+        let env = &mut self.env;
+        env.idle.close_stale(now, &mut env.legs);
+        env.timers
             .arm(now + idle_sweep_every(limit), Timer::IdleSweep);
     }
 
@@ -523,6 +540,7 @@ impl Worker {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.env.poll.registry().deregister(&mut listener);
         }
+        self.env.stopping = true;
         self.shutting_down = Some(ShuttingDown {
             deadline,
             next_check: Instant::now(),
@@ -647,12 +665,21 @@ impl Worker {
         let id = self.shared().next_id();
         let slot = self.conns.vacant();
         let token = self.env.tokens.client(slot);
-        let opened = TcpConnection::open(id, slot, client, client_addr, token, &mut self.env.ctx());
+        let ctx = &mut self.env.ctx();
+        let opened = match ctx.config.mode {
+            Mode::Tcp => {
+                TcpConnection::open(id, slot, client, client_addr, token, ctx).map(Session::Tcp)
+            }
+            Mode::Http => HttpConnection::open(id, slot, client, client_addr, token, ctx)
+                .map(|c| Session::Http(Box::new(c))),
+        };
         match opened {
             Ok(conn) => {
-                log::debug!("{} accepted client {client_addr}", conn.id);
-                let placed = self.conns.insert(Session::Tcp(conn));
-                debug_assert_eq!(placed, slot);
+                log::debug!("[conn {id}] accepted client {client_addr}");
+                // The slot was promised to the connection (its token, its
+                // timers): it must be the one it gets.
+                let placed = self.conns.insert(conn);
+                assert_eq!(placed, slot, "the slab gave another place than vacant()");
                 Some(slot)
             }
             Err(e) => {

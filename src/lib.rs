@@ -13,6 +13,7 @@ pub mod demo;
 pub mod disk;
 pub mod event_loop;
 pub mod health;
+pub mod http;
 pub mod io_error;
 pub mod logging;
 pub mod proxy;

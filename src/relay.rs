@@ -210,6 +210,24 @@ impl<S> Peer<S> {
     pub fn take_errored(&mut self) -> bool {
         std::mem::take(&mut self.errored)
     }
+
+    /// A read got `WouldBlock`: nothing until the next readable event.
+    pub fn read_dry(&mut self) {
+        self.readable = false;
+    }
+
+    /// A read from a socket got less than it asked: the queue is empty,
+    /// unless an EOF or error waits behind it (which no event will say).
+    pub fn read_short(&mut self) {
+        if !self.read_closing {
+            self.readable = false;
+        }
+    }
+
+    /// A write got `WouldBlock`: nothing until the next writable event.
+    pub fn write_blocked(&mut self) {
+        self.writable = false;
+    }
 }
 
 /// How a connection's buffers are sized and where they spill.
@@ -423,6 +441,59 @@ impl Direction {
         self.to_take == Some(0)
     }
 
+    /// Take everything until the sender's EOF again (after `expect`).
+    pub fn unlimited(&mut self) {
+        self.to_take = None;
+    }
+
+    /// Never use a pipe for this direction's memory: its bytes will be
+    /// sent more than once (`send_copy`).
+    pub fn without_splice(mut self) -> Self {
+        self.buf.no_splice();
+        self
+    }
+
+    /// Put bytes of our own at the tail (a head we wrote, a body we
+    /// decoded), memory then disk; what fits now is taken (`Fill::Took`).
+    pub fn push(&mut self, bytes: &[u8]) -> Fill {
+        if !self.buf.has_room() {
+            return Fill::WouldBlock;
+        }
+        let filled = self.buf.push(bytes);
+        if let Fill::Took(n) = filled {
+            self.bytes_in += n as u64;
+        }
+        filled
+    }
+
+    /// Write to `dst` what is held from `offset` on, without taking it
+    /// (see `SpillBuffer::write_from`): how many bytes went, or why none.
+    pub fn send_copy<W: Receiver>(&mut self, dst: &mut Peer<W>, offset: u64) -> Drain {
+        let Some(io) = dst.io.as_mut().filter(|_| dst.writable) else {
+            return Drain::WouldBlock;
+        };
+        let fd = Receiver::fd(io);
+        let sent = self.buf.write_from(io, fd, offset);
+        if matches!(sent, Drain::WouldBlock) {
+            dst.writable = false;
+        }
+        sent
+    }
+
+    /// What is held was delivered by `send_copy`: let it go, counted as
+    /// handed to the receiver.
+    pub fn delivered_by_copy(&mut self) {
+        self.bytes_out += self.buf.discard();
+    }
+
+    /// The sender has nothing more for this receiver: deliver what is held,
+    /// then pass EOF on (`Flushing`).
+    pub fn finish(&mut self) {
+        if self.flow == Flow::Open {
+            self.flow = Flow::Flushing;
+        }
+    }
+
     /// Give up on this stream: drop what is held and free its disk space.
     pub fn abort(&mut self) {
         if !self.dst_done() {
@@ -439,6 +510,8 @@ impl Direction {
     pub fn release(&mut self) {
         debug_assert!(self.buf.is_empty(), "released with bytes held");
         if self.flow == Flow::Open {
+            // Never lose a byte silently, whatever a caller did.
+            self.bytes_dropped += self.buf.discard();
             self.flow = Flow::Released;
         }
     }
@@ -1348,6 +1421,38 @@ mod tests {
         assert!(rx.shut, "then EOF");
         assert_eq!(dir.flow, Flow::Closed);
         assert_eq!(src.len(), unread, "the sender is not read after an answer");
+    }
+
+    /// A released direction reads what its sender still sends and drops
+    /// it, counted, until the sender's EOF; then it is no longer sending
+    /// (no lingering), and nothing was ever written to the receiver.
+    #[test]
+    fn a_released_direction_drops_and_counts_until_the_senders_eof() {
+        let (_tmp, mut dir) = direction(64, 1 << 20);
+        let mut ready = Ready::default();
+        let data = vec![8u8; 700];
+        let mut src = Socketish {
+            data: &data,
+            then_eof: true,
+            reads: 0,
+        };
+        let mut rx = Window::new(usize::MAX);
+        let mut scratch = vec![0u8; 100];
+        dir.release();
+        assert!(dir.dst_done() && dir.still_sending());
+        ready.src = true;
+        ready.dst = true;
+        pump_out(
+            &mut dir,
+            Some(&mut src),
+            Some(&mut rx),
+            &mut ready,
+            &mut scratch,
+        );
+        assert_eq!(dir.bytes_dropped, 700);
+        assert!(rx.got.is_empty() && !rx.shut);
+        assert!(!dir.still_sending(), "the sender's EOF was read");
+        assert_eq!(dir.flow, Flow::Released);
     }
 
     #[test]

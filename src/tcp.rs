@@ -435,7 +435,7 @@ impl TcpConnection {
         if backend_done && !self.lingering(Side::Backend, ctx) {
             let reset = self.up.flow() == Flow::Aborted && !self.gentle;
             match std::mem::replace(&mut self.phase, Phase::Finishing) {
-                Phase::Connecting(dial) => dial.abandon(ctx),
+                Phase::Connecting(dial) => dial.abandon(reset, ctx),
                 Phase::Relaying(leg) => self.backend_held = leg.close(reset, ctx),
                 Phase::Finishing => {}
             }

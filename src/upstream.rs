@@ -40,6 +40,8 @@ pub struct Owner {
 pub enum LegOwner {
     /// Connection `id` in place `slot`.
     Conn { slot: usize, id: u64 },
+    /// Idle, kept for reuse, in the pool of backend `backend`.
+    Idle { backend: usize },
 }
 
 /// Every backend socket of a worker, by the key its token is made from.
@@ -56,6 +58,8 @@ pub struct BackendLeg {
     /// The backend was down and this leg is its one trial.
     trial: bool,
     connected_at: Option<Instant>,
+    /// Taken from the idle pool rather than connected for this request.
+    reused: bool,
 }
 
 impl BackendLeg {
@@ -83,7 +87,46 @@ impl BackendLeg {
             addr,
             trial: picked.trial,
             connected_at: None,
+            reused: false,
         })
+    }
+
+    /// Was this connection taken from the idle pool (it may have been
+    /// closed by the backend meanwhile)?
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Done with it, and it may serve another request: keep it idle in the
+    /// pool (`--upstream-keepalive` per backend per worker; the least
+    /// recently used goes when that is full), or close it if none are
+    /// kept. It no longer counts as an active connection of its backend.
+    pub fn park(mut self, ctx: &mut Ctx) -> Option<Duration> {
+        let held = self.connected_at.map(|t| t.elapsed());
+        if ctx.idle.max_per_backend == 0 {
+            self.close(false, ctx);
+            return held;
+        }
+        ctx.backends.release(self.backend);
+        let Some(peer) = self.peer.io.take() else {
+            ctx.legs.remove(self.key);
+            return held;
+        };
+        if let Some(owner) = ctx.legs.get_mut(self.key) {
+            *owner = LegOwner::Idle {
+                backend: self.backend,
+            };
+        }
+        let idle = IdleLeg {
+            stream: peer,
+            key: self.key,
+            addr: self.addr,
+            since: Instant::now(),
+        };
+        if let Some(oldest) = ctx.idle.put(self.backend, idle) {
+            oldest.close(ctx.legs);
+        }
+        held
     }
 
     pub fn key(&self) -> usize {
@@ -143,6 +186,125 @@ impl BackendLeg {
     }
 }
 
+/// A backend connection kept open between requests, holding no claim on
+/// its backend.
+pub struct IdleLeg {
+    stream: TcpStream,
+    key: usize,
+    addr: SocketAddr,
+    since: Instant,
+}
+
+impl IdleLeg {
+    fn close(self, legs: &mut LegTable) {
+        legs.remove(self.key);
+        close_stream(self.stream, false);
+    }
+}
+
+/// How long an idle backend connection is kept (nginx's upstream
+/// `keepalive_timeout` default).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Idle backend connections of one worker, per backend, most recently used
+/// last.
+pub struct IdlePool {
+    per_backend: Vec<std::collections::VecDeque<IdleLeg>>,
+    /// `--upstream-keepalive`.
+    pub max_per_backend: usize,
+}
+
+impl IdlePool {
+    pub fn new(backends: usize, max_per_backend: usize) -> IdlePool {
+        IdlePool {
+            per_backend: (0..backends).map(|_| Default::default()).collect(),
+            max_per_backend,
+        }
+    }
+
+    /// Keep `leg`; if that makes too many, the least recently used is
+    /// returned to be closed.
+    fn put(&mut self, backend: usize, leg: IdleLeg) -> Option<IdleLeg> {
+        let list = &mut self.per_backend[backend];
+        list.push_back(leg);
+        (list.len() > self.max_per_backend)
+            .then(|| list.pop_front())
+            .flatten()
+    }
+
+    /// The most recently used idle connection to `backend`, if any.
+    fn take(&mut self, backend: usize) -> Option<IdleLeg> {
+        self.per_backend[backend].pop_back()
+    }
+
+    /// An event for idle connection `key` of `backend`: readable or in
+    /// error, it was closed by the backend (or sent something unasked):
+    /// close it. Writable alone says nothing new.
+    pub fn on_event(
+        &mut self,
+        backend: usize,
+        key: usize,
+        event: &mio::event::Event,
+        legs: &mut LegTable,
+    ) {
+        let gone = event.is_readable() || event.is_read_closed() || event.is_error();
+        let list = &mut self.per_backend[backend];
+        if let Some(at) = list.iter().position(|l| l.key == key).filter(|_| gone) {
+            let leg = list.remove(at).expect("found");
+            log::debug!("idle connection to backend {} closed by it", leg.addr);
+            leg.close(legs);
+        }
+    }
+
+    /// Close connections idle for longer than `IDLE_TIMEOUT`.
+    pub fn close_stale(&mut self, now: Instant, legs: &mut LegTable) {
+        for list in &mut self.per_backend {
+            while list
+                .front()
+                .is_some_and(|l| now.duration_since(l.since) >= IDLE_TIMEOUT)
+            {
+                list.pop_front().expect("checked").close(legs);
+            }
+        }
+    }
+
+    /// Connections kept now, all backends together.
+    pub fn len(&self) -> usize {
+        self.per_backend.iter().map(|l| l.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An idle connection to `picked` serves `owner` now.
+fn reuse(idle: IdleLeg, picked: Picked, owner: Owner, ctx: &mut Ctx) -> BackendLeg {
+    if let Some(entry) = ctx.legs.get_mut(idle.key) {
+        *entry = LegOwner::Conn {
+            slot: owner.slot,
+            id: owner.id,
+        };
+    }
+    let mut peer = Peer::new(idle.stream);
+    // Whatever it can do now, the next read or write will say.
+    peer.on_readiness(true, true, false, false);
+    log::debug!(
+        "{} reusing a connection to backend {}",
+        Id(owner.id),
+        idle.addr
+    );
+    BackendLeg {
+        peer,
+        key: idle.key,
+        backend: picked.idx,
+        addr: idle.addr,
+        trial: false,
+        connected_at: Some(Instant::now()),
+        reused: true,
+    }
+}
+
 /// What dialling came to so far.
 pub enum Dialled {
     /// A connect is in flight, or waits for fds: an event or a timer will say.
@@ -156,6 +318,8 @@ pub enum Dialled {
 /// what was tried, and why each failed.
 #[derive(Default)]
 pub struct Dial {
+    /// Take an idle connection to the chosen backend when there is one.
+    reuse: bool,
     tried: Vec<usize>,
     /// The connect in flight; none while waiting to retry for fds.
     attempt: Option<BackendLeg>,
@@ -167,6 +331,15 @@ pub struct Dial {
 }
 
 impl Dial {
+    /// A dial that takes an idle connection to the backend the strategy
+    /// chooses, if the pool has one, before connecting anew.
+    pub fn reusing() -> Dial {
+        Dial {
+            reuse: true,
+            ..Dial::default()
+        }
+    }
+
     /// The backend tried last, if any.
     pub fn last_addr(&self) -> Option<SocketAddr> {
         self.last_addr
@@ -187,6 +360,11 @@ impl Dial {
             let addr = backends.addr(picked.idx);
             self.number += 1;
             self.last_addr = Some(addr);
+            if self.reuse && !picked.trial {
+                if let Some(idle) = ctx.idle.take(picked.idx) {
+                    return Dialled::Connected(reuse(idle, picked, owner, ctx));
+                }
+            }
             match BackendLeg::dial(picked, owner, ctx) {
                 Ok(leg) => {
                     log::debug!("{} connecting to backend {addr}", Id(owner.id));
@@ -288,10 +466,12 @@ impl Dial {
         self.next(owner, ctx)
     }
 
-    /// The connection no longer wants a backend (its client went).
-    pub fn abandon(mut self, ctx: &mut Ctx) {
+    /// The connection no longer wants a backend (its client went):
+    /// a connect in flight is closed, with a reset if `reset` (the stream
+    /// meant for it was cut).
+    pub fn abandon(mut self, reset: bool, ctx: &mut Ctx) {
         if let Some(leg) = self.attempt.take() {
-            leg.close(false, ctx);
+            leg.close(reset, ctx);
         }
     }
 

@@ -220,6 +220,38 @@ impl SpillFile {
         }
     }
 
+    /// `send_head` without taking: up to `SENDFILE_STEP` bytes from `pos`
+    /// bytes past the head. `None` if `sendfile` is refused.
+    pub fn send_at(&mut self, fd: RawFd, pos: u64) -> Option<Drain> {
+        if !self.can_sendfile {
+            return None;
+        }
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        let len = (self.backlog() - pos).min(SENDFILE_STEP as u64) as usize;
+        match zerocopy::sendfile(fd, file, self.head + pos, len) {
+            Ok(0) => {
+                self.can_sendfile = false;
+                None
+            }
+            Ok(n) => Some(Drain::Gave(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Drain::WouldBlock),
+            Err(e) if is_unsupported(&e) => {
+                self.can_sendfile = false;
+                None
+            }
+            Err(e) if is_file_read_error(&e) => Some(Drain::SpillFailed(e)),
+            Err(e) => Some(Drain::SinkFailed(e)),
+        }
+    }
+
+    /// Read bytes from `pos` past the head into `into`, without taking.
+    pub fn read_at(&self, pos: u64, into: &mut [u8]) -> io::Result<usize> {
+        let n = (self.backlog() - pos).min(into.len() as u64) as usize;
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        file.read_exact_at(&mut into[..n], self.head + pos)?;
+        Ok(n)
+    }
+
     /// `n` bytes left the head: give back the disk space of what has gone.
     fn advance(&mut self, n: usize) -> io::Result<()> {
         self.head += n as u64;

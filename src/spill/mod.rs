@@ -285,9 +285,11 @@ impl SpillBuffer {
     /// room, then disk. Takes what fits now: `Took(n)` with `n` possibly
     /// short of `bytes.len()`, or why nothing could be taken.
     pub fn push(&mut self, bytes: &[u8]) -> Fill {
-        debug_assert!(self.has_room(), "push with no room");
         if bytes.is_empty() {
             return Fill::Took(0);
+        }
+        if !self.has_room() {
+            return Fill::Full;
         }
         if self.memory_room() > 0 {
             if let Err(e) = self.pipe_to_memory() {
@@ -332,6 +334,37 @@ impl SpillBuffer {
         self.mem_len -= n;
         self.after_memory_drained();
         self.check_invariants();
+    }
+
+    /// Never use a pipe for this buffer's memory: its bytes are to be
+    /// looked at or sent more than once (`peek`, `write_from`).
+    pub fn no_splice(&mut self) {
+        debug_assert!(self.pipe.is_none(), "no_splice after a pipe was made");
+        self.splice = Splice::Never;
+    }
+
+    /// Give `dst` bytes held, starting `offset` bytes after the oldest,
+    /// without taking them: they stay held, so they can be sent again (a
+    /// request replayed on another connection). Only for a buffer that is
+    /// not spliced (`no_splice`) and not filled meanwhile.
+    pub fn write_from<W: Write>(&mut self, dst: &mut W, fd: Option<RawFd>, offset: u64) -> Drain {
+        debug_assert!(self.pipe.as_ref().is_none_or(|p| p.len() == 0));
+        if offset < self.mem_len as u64 {
+            let from = self.mem_head + offset as usize;
+            return write_step(dst, &self.mem[from..self.mem_head + self.mem_len]);
+        }
+        let in_file = offset - self.mem_len as u64;
+        if in_file >= self.file_backlog() {
+            return Drain::Empty;
+        }
+        if let Some(done) = fd.and_then(|fd| self.file.send_at(fd, in_file)) {
+            return done;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match self.file.read_at(in_file, &mut chunk) {
+            Ok(n) => write_step(dst, &chunk[..n]),
+            Err(e) => Drain::SpillFailed(e),
+        }
     }
 
     /// Splice up to `want` bytes from the socket `fd` into the pipe (made on
@@ -553,6 +586,19 @@ fn whole(len: usize, unit: Option<usize>) -> usize {
     match unit {
         Some(unit) if unit > 0 && len >= unit => len / unit * unit,
         _ => len,
+    }
+}
+
+/// One `write`, retried on EINTR, with its result put in `Drain` terms.
+fn write_step<W: Write>(dst: &mut W, bytes: &[u8]) -> Drain {
+    loop {
+        return match dst.write(bytes) {
+            Ok(0) => Drain::SinkFailed(io::ErrorKind::WriteZero.into()),
+            Ok(n) => Drain::Gave(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Drain::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Drain::SinkFailed(e),
+        };
     }
 }
 

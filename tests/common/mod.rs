@@ -502,10 +502,6 @@ impl Drop for Proxy {
     }
 }
 
-/// Wait for `child` to exit, up to `timeout`.
-/// Poll `done` every few milliseconds until it holds, or panic after
-/// `timeout`. For state another thread or process reaches on its own time
-/// (a backend's accept count, a file's size), where no log line marks it.
 /// Run `command` with at most `limit` open files (`RLIMIT_NOFILE`).
 pub fn limit_open_files(command: &mut Command, limit: u64) {
     use std::os::unix::process::CommandExt;
@@ -526,6 +522,9 @@ pub fn limit_open_files(command: &mut Command, limit: u64) {
     }
 }
 
+/// Poll `done` every few milliseconds until it holds, or panic after
+/// `timeout`. For state another thread or process reaches on its own time
+/// (a backend's accept count, a file's size), where no log line marks it.
 pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -547,6 +546,7 @@ pub fn holds_for(window: Duration, mut check: impl FnMut()) {
     }
 }
 
+/// Wait for `child` to exit, up to `timeout`.
 pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
