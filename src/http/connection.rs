@@ -210,7 +210,14 @@ impl HttpConnection {
             backend_inbox: inbox(ctx),
             backend_scan: HeadScan::default(),
             phase: Phase::Head,
-            up: ctx.plan.direction("client->backend").without_splice(),
+            // A request body is buffered whole before any backend sees it:
+            // nothing can take it sooner, so nothing to wait for before
+            // spilling.
+            up: ctx
+                .plan
+                .direction("client->backend")
+                .without_splice()
+                .with_spill_after(Duration::ZERO),
             down: ctx.plan.direction("backend->client"),
             exchange: None,
             requests: 0,
@@ -260,6 +267,9 @@ impl HttpConnection {
     pub fn drive(&mut self, ctx: &mut Ctx) -> Status {
         self.dial(|dial, owner, ctx| dial.check(owner, ctx), ctx);
         self.check_client_error(ctx);
+        // What ran out is acted on first: an answer it queues goes out in
+        // the steps below.
+        self.expire(ctx);
         let taken = self.moved();
         let mut busy = true;
         for _ in 0..STEPS_PER_TURN {
@@ -276,7 +286,6 @@ impl HttpConnection {
         if self.moved() != taken {
             self.last_active = Instant::now();
         }
-        self.expire(ctx);
         self.tell_news();
         self.arm_timer(ctx);
         self.finish_turn(busy)
@@ -1261,7 +1270,18 @@ impl HttpConnection {
         if self.timer_at.is_some_and(|t| t <= now) {
             self.timer_at = None;
         }
-        let Some((at, _)) = self.deadline else {
+        // A response pausing before it spills must come back when its
+        // time is up (a client that reads nothing sends no event).
+        let backend_readable = match &self.phase {
+            Phase::ResponseBody(leg, _) => leg.peer.is_readable(),
+            _ => false,
+        };
+        let spill = self.down.spill_due(now, backend_readable);
+        let Some(at) = [self.deadline.map(|(at, _)| at), spill]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
             return;
         };
         if self.timer_at.is_none_or(|t| at < t) {
