@@ -10,6 +10,7 @@ pub mod buffer_pool;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod demo_http;
 pub mod disk;
 pub mod event_loop;
 pub mod health;

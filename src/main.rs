@@ -197,6 +197,12 @@ struct DemoArgs {
     /// The proxy's in-memory bytes per direction before spilling
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
     memory_buffer: u64,
+
+    /// tcp: a backend writes a response, a slow client reads it; http: a
+    /// slow upload and a slow keep-alive download to an HTTP backend (use
+    /// e.g. --size 8MiB --rate 4MiB)
+    #[arg(long, value_name = "MODE", value_parser = Mode::parse, default_value = "tcp")]
+    mode: Mode,
 }
 
 fn main() -> ExitCode {
@@ -283,6 +289,19 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     if args.rate == 0 || args.size == 0 {
         eprintln!("spillway: demo: --size and --rate must be above zero");
         return ExitCode::from(2);
+    }
+    if args.mode == Mode::Http {
+        return match spillway::demo_http::run(args.size, args.rate, args.memory_buffer) {
+            Ok(report) if report.all_exact() => ExitCode::SUCCESS,
+            Ok(_) => {
+                eprintln!("spillway: demo: a client got different bytes than the backend sent");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("spillway: demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let opts = DemoOptions {
         size: args.size,

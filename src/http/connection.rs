@@ -171,6 +171,8 @@ pub struct HttpConnection {
     dropped: u64,
     /// Bytes taken from each peer, for idleness.
     taken: u64,
+    /// Bytes sent to backends, all requests together.
+    sent_total: u64,
     trouble: Option<String>,
 }
 
@@ -229,6 +231,7 @@ impl HttpConnection {
             body_blocked: false,
             dropped: 0,
             taken: 0,
+            sent_total: 0,
             trouble: None,
         })
     }
@@ -1357,10 +1360,11 @@ impl HttpConnection {
 
     /// One INFO line per request: what was asked, how it was answered,
     /// bytes each way and spilled, the backend and how long it was held.
-    fn log_access(&self) {
+    fn log_access(&mut self) {
         let Some(ex) = &self.exchange else {
             return;
         };
+        self.sent_total += ex.sent;
         let line = ex
             .request
             .as_ref()
@@ -1386,7 +1390,7 @@ impl HttpConnection {
             self.id,
             self.client_addr,
             self.requests,
-            self.up.bytes_out(),
+            self.sent_total,
             self.down.bytes_out(),
             self.dropped + self.up.bytes_dropped() + self.down.bytes_dropped(),
             self.opened.elapsed().as_secs_f64(),
