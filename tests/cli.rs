@@ -198,6 +198,43 @@ fn bad_limit_flags_are_refused() {
 }
 
 #[test]
+fn bad_http_flags_are_refused() {
+    assert_each_refused("--mode", &[&["--mode", "udp"], &["--mode", "HTTP"]]);
+    assert_each_refused(
+        "--max-header-size",
+        &[
+            &["--max-header-size", "100"],
+            &["--max-header-size", "2MiB"],
+            &["--max-header-size", "big"],
+        ],
+    );
+    assert_each_refused(
+        "--max-request-body",
+        &[
+            &["--max-request-body", "-1"],
+            &["--max-request-body", "1.5"],
+        ],
+    );
+    for flag in [
+        "--client-header-timeout",
+        "--client-body-timeout",
+        "--keepalive-timeout",
+        "--backend-timeout",
+    ] {
+        let zero = format!("{flag}=0s");
+        let no_unit = format!("{flag}=60");
+        assert_each_refused(flag, &[&[&zero], &[&no_unit]]);
+    }
+    assert_each_refused(
+        "--upstream-keepalive",
+        &[
+            &["--upstream-keepalive", "10001"],
+            &["--upstream-keepalive", "-1"],
+        ],
+    );
+}
+
+#[test]
 fn bad_backend_weight_is_refused() {
     for weight in ["weight=0", "weight=1001", "weight=x", "w=2"] {
         let backend = format!("{},{weight}", some_backend());
@@ -362,6 +399,15 @@ fn help_lists_every_flag() {
         "--temp-dir",
         "--log-level",
         "--log-file",
+        "--keep-half-open",
+        "--mode",
+        "--max-request-body",
+        "--max-header-size",
+        "--client-header-timeout",
+        "--client-body-timeout",
+        "--keepalive-timeout",
+        "--backend-timeout",
+        "--upstream-keepalive",
         "--help",
     ] {
         assert!(
