@@ -23,6 +23,7 @@ use crate::connection::{Ctx, Key, Session, Status, Tokens};
 use crate::health::HealthChecks;
 use crate::http::HttpConnection;
 use crate::io_error::is_transient_accept_error;
+use crate::logging;
 use crate::shared::Shared;
 use crate::slab::Slab;
 use crate::tcp::TcpConnection;
@@ -245,8 +246,12 @@ impl Worker {
             .arm(Instant::now() + sweep, Timer::IdleSweep);
         let mut events = Events::with_capacity(1024);
         let mut lists = TurnLists::default();
+        logging::batch_this_thread();
         loop {
+            // What this turn logged goes out in one write, before sleeping.
+            logging::flush();
             self.poll(&mut events, &lists)?;
+            logging::turn();
             lists.touched.clear();
             lists.touched.append(&mut lists.busy);
             self.note_events(&events, &mut lists.touched);

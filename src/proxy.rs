@@ -340,6 +340,8 @@ struct Finished(Arc<Shared>);
 
 impl Drop for Finished {
     fn drop(&mut self) {
+        // The worker's last lines, whatever ended it.
+        logging::flush();
         self.0.lifecycle.worker_finished(thread::panicking());
     }
 }

@@ -1339,3 +1339,77 @@ fn sighup_reopens_the_log_file() {
         "a line after the reopen went to the old file:\n{old}"
     );
 }
+
+/// Four workers logging at once, each writing its turn's lines in one go:
+/// every line of the log is whole (a timestamp, a level, a message) and
+/// none is lost: one close line per connection, and with a SIGHUP and a
+/// rotation in the middle, the two files together still have them all.
+#[test]
+fn log_lines_are_whole_and_none_is_lost_with_four_workers() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 60;
+    let backend = Backend::start("echo", |mut s| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut proxy = Proxy::start(&["--backend", &backend.arg(), "--workers", "4"]);
+    let addr = proxy.addr;
+    let rotated = proxy.log_path.with_extension("1");
+    let clients: Vec<Bg<Vec<SocketAddr>>> = (0..CLIENTS)
+        .map(|_| {
+            spawn("client", move || {
+                (0..EACH)
+                    .map(|_| {
+                        let mut c = connect(addr);
+                        c.write_all(b"ping").expect("write");
+                        shutdown_write(&c);
+                        assert_eq!(read_to_eof(&mut c, 64), b"ping");
+                        c.local_addr().unwrap()
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    // Rotate while the clients run.
+    thread::sleep(Duration::from_millis(50));
+    fs::rename(&proxy.log_path, &rotated).expect("rotate");
+    proxy.signal(libc::SIGHUP);
+    let mut addrs = Vec::new();
+    for c in clients {
+        addrs.extend(c.join(SECS_60));
+    }
+    let total = CLIENTS * EACH;
+    wait_until("every close line", SECS_30, || {
+        let old = fs::read_to_string(&rotated).unwrap_or_default();
+        let new = fs::read_to_string(&proxy.log_path).unwrap_or_default();
+        old.matches(" closed client=").count() + new.matches(" closed client=").count() >= total
+    });
+    let old = fs::read_to_string(&rotated).expect("rotated log");
+    let new = fs::read_to_string(&proxy.log_path).expect("new log");
+    let mut closes = 0;
+    for line in old.lines().chain(new.lines()) {
+        let (stamp, rest) = line.split_at(line.find(' ').unwrap_or(0));
+        let whole = stamp.len() == 24
+            && stamp.ends_with('Z')
+            && stamp.as_bytes()[10] == b'T'
+            && [" INFO ", " WARN ", " ERROR ", " DEBUG "]
+                .iter()
+                .any(|l| rest.starts_with(l));
+        assert!(whole, "a cut or mixed line: {line:?}");
+        if line.contains(" closed client=") {
+            closes += 1;
+        }
+    }
+    assert_eq!(closes, total, "one close line per connection, none lost");
+    for a in addrs {
+        let needle = format!("client={a} ");
+        assert!(
+            old.contains(&needle) || new.contains(&needle),
+            "no close line for {a}"
+        );
+    }
+}
