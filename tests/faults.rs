@@ -1356,7 +1356,7 @@ fn log_lines_are_whole_and_none_is_lost_with_four_workers() {
             }
         }
     });
-    let mut proxy = Proxy::start(&["--backend", &backend.arg(), "--workers", "4"]);
+    let proxy = Proxy::start(&["--backend", &backend.arg(), "--workers", "4"]);
     let addr = proxy.addr;
     let rotated = proxy.log_path.with_extension("1");
     let clients: Vec<Bg<Vec<SocketAddr>>> = (0..CLIENTS)
