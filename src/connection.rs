@@ -167,12 +167,21 @@ impl Session {
         }
     }
 
-    /// Move what readiness allows, close what is finished.
+    /// Move what readiness allows, close what is finished. An HTTP
+    /// connection whose backend switched protocols becomes a relay here.
     pub fn drive(&mut self, ctx: &mut Ctx) -> Status {
-        match self {
-            Session::Tcp(c) => c.drive(ctx),
-            Session::Http(c) => c.drive(ctx),
-        }
+        let tunnel = match self {
+            Session::Tcp(c) => return c.drive(ctx),
+            Session::Http(c) => {
+                let status = c.drive(ctx);
+                match c.take_tunnel(ctx) {
+                    Some(tunnel) => tunnel,
+                    None => return status,
+                }
+            }
+        };
+        *self = Session::Tcp(TcpConnection::tunnel(tunnel));
+        self.drive(ctx)
     }
 
     /// The connect timer of attempt `attempt` ran out.

@@ -441,6 +441,12 @@ impl Direction {
         self.to_take == Some(0)
     }
 
+    /// How much may wait on disk from now on: 0 passes bytes on as they
+    /// come, holding the sender back to the receiver's pace.
+    pub fn set_spill_limit(&mut self, limit: u64) {
+        self.buf.set_spill_limit(limit);
+    }
+
     /// Take everything until the sender's EOF again (after `expect`).
     pub fn unlimited(&mut self) {
         self.to_take = None;

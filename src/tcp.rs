@@ -38,6 +38,18 @@ use crate::upstream::{BackendLeg, Dial, Dialled, Owner};
 /// longer listen to (see `TcpConnection::lingering`).
 const LINGER: Duration = Duration::from_secs(2);
 
+/// What an upgraded HTTP connection hands over to become a relay.
+pub struct Tunnel {
+    pub id: u64,
+    pub slot: usize,
+    pub client: Peer<TcpStream>,
+    pub client_addr: SocketAddr,
+    pub leg: BackendLeg,
+    pub up: Direction,
+    pub down: Direction,
+    pub opened: Instant,
+}
+
 /// Where the connection is with its backend.
 enum Phase {
     /// Dialling backends in turn; the client's bytes are buffered meanwhile.
@@ -120,6 +132,33 @@ impl TcpConnection {
         };
         conn.dial(|dial, owner, ctx| dial.next(owner, ctx), ctx);
         Ok(conn)
+    }
+
+    /// An HTTP connection whose backend answered `101 Switching
+    /// Protocols`: from now on a relay of bytes both ways, as in `tcp`
+    /// mode. `down` holds the 101's head (and whatever the backend sent
+    /// after it), `up` whatever the client sent after its request.
+    pub fn tunnel(parts: Tunnel) -> TcpConnection {
+        let backend_addr = Some(parts.leg.addr());
+        let now = Instant::now();
+        TcpConnection {
+            id: Id(parts.id),
+            slot: parts.slot,
+            client: parts.client,
+            client_addr: parts.client_addr,
+            phase: Phase::Relaying(parts.leg),
+            up: parts.up,
+            down: parts.down,
+            backend_addr,
+            opened: parts.opened,
+            backend_held: None,
+            trouble: None,
+            linger_until: None,
+            spill_timer: None,
+            client_spoke_last: false,
+            last_active: now,
+            gentle: false,
+        }
     }
 
     fn owner(&self) -> Owner {

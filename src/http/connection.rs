@@ -36,6 +36,7 @@ use crate::connection::{Ctx, Id, Label, Status, close_stream};
 use crate::io_error::{describe, is_normal_close};
 use crate::relay::{Culprit, Direction, Flow, News, Peer, Pumped, pump};
 use crate::spill::{Drain, Fill, SpillBuffer};
+use crate::tcp::Tunnel;
 use crate::timers::Timer;
 use crate::upstream::{BackendLeg, Dial, Dialled, Owner};
 
@@ -65,6 +66,9 @@ enum Phase {
     ResponseBody(BackendLeg, BodyOut),
     /// The response is all in and the backend released: feeding the client.
     Delivering,
+    /// The backend switched protocols (101): the connection is to become a
+    /// relay of bytes (`take_tunnel`).
+    Upgraded(BackendLeg),
     /// An answer or the last response goes out, then the connection closes.
     Closing,
 }
@@ -167,6 +171,8 @@ pub struct HttpConnection {
     close_after: bool,
     /// The request body could not be stored for want of disk space.
     body_blocked: bool,
+    /// The response in flight is passed on unbuffered.
+    streaming: bool,
     /// Bytes the client sent that were read and dropped (while closing).
     dropped: u64,
     /// Bytes taken from each peer, for idleness.
@@ -229,6 +235,7 @@ impl HttpConnection {
             timer_at: None,
             close_after: false,
             body_blocked: false,
+            streaming: false,
             dropped: 0,
             taken: 0,
             sent_total: 0,
@@ -305,7 +312,9 @@ impl HttpConnection {
             Phase::Connecting(_) => false,
             Phase::Exchange(_) => self.exchange_step(ctx),
             Phase::ResponseBody(_, BodyOut::Chunked { .. }) => self.read_chunked_response(ctx),
-            Phase::ResponseBody(..) | Phase::Delivering | Phase::Closing => false,
+            Phase::ResponseBody(..) | Phase::Delivering | Phase::Closing | Phase::Upgraded(_) => {
+                false
+            }
         };
         let more = self.deliver(ctx);
         self.after_delivery(ctx);
@@ -649,11 +658,9 @@ impl HttpConnection {
         }
         let sent = self.exchange.as_ref().map_or(0, |e| e.sent);
         let mut acted = sent != sent_before;
-        let head_request = self
-            .exchange
-            .as_ref()
-            .and_then(|e| e.request.as_ref())
-            .is_some_and(Request::is_head);
+        let request = self.exchange.as_ref().and_then(|e| e.request.as_ref());
+        let head_request = request.is_some_and(Request::is_head);
+        let upgrade_asked = request.is_some_and(|r| r.upgrade.is_some());
         let max = ctx.config.max_header_size as usize;
         for _ in 0..OPS_PER_STEP {
             let buf = match self.backend_inbox.peek() {
@@ -665,20 +672,22 @@ impl HttpConnection {
                     Err(_) => {
                         return self.bad_response("malformed or oversized response head", ctx);
                     }
-                    Ok(Found::Complete(n)) => match parse_response(&buf[..n], head_request) {
-                        Ok(ResponseHead::Interim(n)) => {
-                            self.backend_inbox.consume(n);
-                            self.backend_scan.reset();
-                            continue;
+                    Ok(Found::Complete(n)) => {
+                        match parse_response(&buf[..n], head_request, upgrade_asked) {
+                            Ok(ResponseHead::Interim(n)) => {
+                                self.backend_inbox.consume(n);
+                                self.backend_scan.reset();
+                                continue;
+                            }
+                            Ok(ResponseHead::Final(response)) => {
+                                self.backend_inbox.consume(n);
+                                self.backend_scan.reset();
+                                self.begin_response(response, ctx);
+                                return true;
+                            }
+                            Err(reject) => return self.bad_response(reject.why, ctx),
                         }
-                        Ok(ResponseHead::Final(response)) => {
-                            self.backend_inbox.consume(n);
-                            self.backend_scan.reset();
-                            self.begin_response(response, ctx);
-                            return true;
-                        }
-                        Err(reject) => return self.bad_response(reject.why, ctx),
-                    },
+                    }
                     Ok(Found::Partial) => {}
                 }
             }
@@ -820,6 +829,26 @@ impl HttpConnection {
         let Phase::Exchange(leg) = std::mem::replace(&mut self.phase, Phase::Delivering) else {
             return;
         };
+        if let Some(protocol) = &response.switched_to {
+            log::debug!(
+                "{} switched to {protocol}: relaying bytes from now on",
+                self.id
+            );
+            let buf = self.backend_inbox.peek().unwrap_or(&[]);
+            let taken = push_all(&mut self.down, buf);
+            self.backend_inbox.consume(taken);
+            self.log_access();
+            self.exchange = None;
+            self.deadline = None;
+            self.phase = Phase::Upgraded(leg);
+            return;
+        }
+        if response.streaming {
+            // Passed on as it comes: memory only, the backend held back to
+            // the client's pace (Server-Sent Events, long polls).
+            self.down.set_spill_limit(0);
+            self.streaming = true;
+        }
         self.set_deadline(ctx.config.backend_timeout, Expiry::Backend);
         match response.framing {
             Framing::None => {
@@ -960,6 +989,9 @@ impl HttpConnection {
         };
         if let Some(ex) = &mut self.exchange {
             ex.backend_held = held.unwrap_or_default();
+        }
+        if std::mem::take(&mut self.streaming) {
+            self.down.set_spill_limit(ctx.plan.max_spill);
         }
         self.deadline = None;
         self.phase = Phase::Delivering;
@@ -1398,6 +1430,35 @@ impl HttpConnection {
         );
     }
 
+    /// Once the backend has switched protocols: what the relay that takes
+    /// over needs. Whatever the client sent after its request goes to the
+    /// backend first.
+    pub fn take_tunnel(&mut self, ctx: &mut Ctx) -> Option<Tunnel> {
+        if !matches!(self.phase, Phase::Upgraded(_)) || self.client.io.is_none() {
+            return None;
+        }
+        let Phase::Upgraded(leg) = std::mem::replace(&mut self.phase, Phase::Closing) else {
+            return None;
+        };
+        let mut up = ctx.plan.direction("client->backend");
+        if let Ok(buf) = self.inbox.peek() {
+            let taken = push_all(&mut up, buf);
+            self.inbox.consume(taken);
+        }
+        let mut down = std::mem::replace(&mut self.down, ctx.plan.direction("backend->client"));
+        down.unlimited();
+        Some(Tunnel {
+            id: self.id.0,
+            slot: self.slot,
+            client: std::mem::replace(&mut self.client, Peer::absent()),
+            client_addr: self.client_addr,
+            leg,
+            up,
+            down,
+            opened: self.opened,
+        })
+    }
+
     // ---------------------------------------------------------------
     // What the worker asks
 
@@ -1444,7 +1505,7 @@ impl HttpConnection {
 /// `Delivering` (the caller sets what comes next).
 fn take_leg(phase: &mut Phase) -> Option<BackendLeg> {
     match std::mem::replace(phase, Phase::Delivering) {
-        Phase::Exchange(leg) | Phase::ResponseBody(leg, _) => Some(leg),
+        Phase::Exchange(leg) | Phase::ResponseBody(leg, _) | Phase::Upgraded(leg) => Some(leg),
         other => {
             *phase = other;
             None

@@ -151,6 +151,10 @@ pub struct Request {
     pub keep_alive: bool,
     /// `Expect: 100-continue` was asked.
     pub expect_continue: bool,
+    /// The protocol the client asks to switch to (`Upgrade` with
+    /// `Connection: upgrade`, HTTP/1.1 only): passed on, and only a 101
+    /// from the backend makes the connection a tunnel.
+    pub upgrade: Option<String>,
     /// Our head for the backend, without its `Content-Length` and final
     /// CRLF (`upstream_head` finishes it once the body's length is known).
     head: String,
@@ -170,7 +174,9 @@ impl Request {
         if self.framing != Framing::None {
             let _ = write!(head, "Content-Length: {body_len}\r\n");
         }
-        if close {
+        if let Some(protocol) = &self.upgrade {
+            let _ = write!(head, "Upgrade: {protocol}\r\nConnection: upgrade\r\n");
+        } else if close {
             head.push_str("Connection: close\r\n");
         }
         head.push_str("\r\n");
@@ -247,6 +253,15 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
     } else {
         fields.connection_keep_alive && !fields.connection_close
     };
+    let upgrade = match fields.upgrade {
+        Some(value) if minor == 1 && fields.connection_upgrade => {
+            Some(protocols(value).ok_or(Reject {
+                status: 400,
+                why: "malformed Upgrade",
+            })?)
+        }
+        _ => None,
+    };
     let expect_continue = match fields.expect {
         None => false,
         Some(v) if v.eq_ignore_ascii_case(b"100-continue") => minor == 1,
@@ -271,8 +286,25 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
         framing,
         keep_alive,
         expect_continue,
+        upgrade,
         head,
     })
+}
+
+/// An `Upgrade` value: protocols (`token[/token]`), comma-separated.
+fn protocols(value: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(value).ok()?;
+    let ok = text.split(',').all(|p| {
+        let p = p.trim_matches([' ', '\t']);
+        !p.is_empty()
+            && p.split('/').count() <= 2
+            && p.split('/').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            })
+    });
+    ok.then(|| text.trim().to_string())
 }
 
 /// The target in origin-form for the backend, and the authority of an
@@ -368,7 +400,11 @@ struct Fields<'h, 'b> {
     transfer_encoding: Option<Vec<String>>,
     hosts: Vec<&'b str>,
     expect: Option<&'b [u8]>,
+    upgrade: Option<&'b [u8]>,
+    /// `X-Accel-Buffering: no` (responses).
+    unbuffered: bool,
     connection_close: bool,
+    connection_upgrade: bool,
     connection_keep_alive: bool,
     /// Field names `Connection` lists (lowercase): hop-by-hop too.
     connection_names: Vec<String>,
@@ -387,7 +423,10 @@ impl<'h, 'b> Fields<'h, 'b> {
             transfer_encoding: None,
             hosts: Vec::new(),
             expect: None,
+            upgrade: None,
+            unbuffered: false,
             connection_close: false,
+            connection_upgrade: false,
             connection_keep_alive: false,
             connection_names: Vec::new(),
             forwarded_for: None,
@@ -419,6 +458,10 @@ impl<'h, 'b> Fields<'h, 'b> {
                 f.hosts.push(host);
             } else if name.eq_ignore_ascii_case("expect") && request {
                 f.expect = Some(h.value);
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                f.upgrade = Some(h.value);
+            } else if name.eq_ignore_ascii_case("x-accel-buffering") && !request {
+                f.unbuffered = h.value.eq_ignore_ascii_case(b"no");
             } else if name.eq_ignore_ascii_case("connection") {
                 for token in list(h.value).ok_or(Reject {
                     status: bad,
@@ -428,6 +471,7 @@ impl<'h, 'b> Fields<'h, 'b> {
                     match token.as_str() {
                         "close" => f.connection_close = true,
                         "keep-alive" => f.connection_keep_alive = true,
+                        "upgrade" => f.connection_upgrade = true,
                         _ => f.connection_names.push(token),
                     }
                 }
@@ -484,7 +528,8 @@ impl<'h, 'b> Fields<'h, 'b> {
                 && matches!(
                     lower.as_str(),
                     "x-forwarded-for" | "x-real-ip" | "x-forwarded-proto" | "expect"
-                )))
+                ))
+            || (!self.request && lower == "x-accel-buffering"))
     }
 
     /// Write each field that is passed on, as received.
@@ -532,6 +577,12 @@ pub struct Response {
     pub framing: Framing,
     /// The backend will take another request on this connection.
     pub reusable: bool,
+    /// `X-Accel-Buffering: no`: pass the body on as it comes, never
+    /// spilled, holding the backend back to the client's pace.
+    pub streaming: bool,
+    /// A 101: the protocol switched to, and the connection becomes a
+    /// tunnel.
+    pub switched_to: Option<String>,
     /// `Content-Length` as received, for a response that has no body but
     /// describes one (HEAD, 304).
     declared_length: Option<u64>,
@@ -549,7 +600,11 @@ pub enum ResponseHead {
 
 /// Parse and judge the response head `head` (ending in CRLF CRLF) to a
 /// request (`head_request`: it was a HEAD).
-pub fn parse_response(head: &[u8], head_request: bool) -> Result<ResponseHead, Reject> {
+pub fn parse_response(
+    head: &[u8],
+    head_request: bool,
+    upgrade_asked: bool,
+) -> Result<ResponseHead, Reject> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut resp = httparse::Response::new(&mut fields);
     match resp.parse(head) {
@@ -562,17 +617,30 @@ pub fn parse_response(head: &[u8], head_request: bool) -> Result<ResponseHead, R
     if !(100..=599).contains(&status) {
         return reject(502, "status code out of range");
     }
-    if status == 101 {
+    if status == 101 && !upgrade_asked {
         return reject(
             502,
             "101 Switching Protocols to a request that asked for no upgrade",
         );
     }
-    if status < 200 {
+    if status < 200 && status != 101 {
         return Ok(ResponseHead::Interim(head.len()));
     }
     let f = Fields::read(resp.headers, false)?;
-    let backend_framing = f.framing()?;
+    let switched_to = if status == 101 {
+        let to = f.upgrade.and_then(protocols).ok_or(Reject {
+            status: 502,
+            why: "a 101 without a valid Upgrade",
+        })?;
+        Some(to)
+    } else {
+        None
+    };
+    let backend_framing = if switched_to.is_some() {
+        Framing::None
+    } else {
+        f.framing()?
+    };
     let no_body = head_request || status == 204 || status == 304;
     let framing = if no_body {
         Framing::None
@@ -589,7 +657,9 @@ pub fn parse_response(head: &[u8], head_request: bool) -> Result<ResponseHead, R
     Ok(ResponseHead::Final(Response {
         status,
         framing,
-        reusable,
+        reusable: reusable && switched_to.is_none(),
+        streaming: f.unbuffered,
+        switched_to,
         declared_length: f.content_length.filter(|_| no_body && status != 204),
         reason,
         fields: out,
@@ -612,6 +682,10 @@ impl Response {
     pub fn client_head(&self, client_minor: u8, keep_alive: bool) -> (Vec<u8>, ClientFraming) {
         let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
         head.push_str(&self.fields);
+        if let Some(protocol) = &self.switched_to {
+            let _ = write!(head, "Upgrade: {protocol}\r\nConnection: upgrade\r\n\r\n");
+            return (head.into_bytes(), ClientFraming::AsSent);
+        }
         let mut how = ClientFraming::AsSent;
         match self.framing {
             Framing::None => {
@@ -867,7 +941,7 @@ mod tests {
     }
 
     fn response(head: &str, head_request: bool) -> Result<Response, Reject> {
-        match parse_response(head.as_bytes(), head_request)? {
+        match parse_response(head.as_bytes(), head_request, false)? {
             ResponseHead::Final(r) => Ok(r),
             ResponseHead::Interim(_) => panic!("interim"),
         }
@@ -932,7 +1006,7 @@ mod tests {
             assert_eq!(response(bad, false).unwrap_err().status, 502, "{bad:?}");
         }
         assert!(matches!(
-            parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", false),
+            parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", false, false),
             Ok(ResponseHead::Interim(25))
         ));
     }

@@ -336,6 +336,12 @@ impl SpillBuffer {
         self.check_invariants();
     }
 
+    /// Change how much may wait on disk from now on (0: nothing more goes
+    /// to disk, and a full memory means backpressure).
+    pub fn set_spill_limit(&mut self, limit: u64) {
+        self.file.set_limit(limit);
+    }
+
     /// Never use a pipe for this buffer's memory: its bytes are to be
     /// looked at or sent more than once (`peek`, `write_from`).
     pub fn no_splice(&mut self) {
