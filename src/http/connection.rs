@@ -600,10 +600,7 @@ impl HttpConnection {
     /// The whole request is buffered: find it a backend.
     fn request_complete(&mut self, ctx: &mut Ctx) {
         let body_len = self.up.held();
-        let close_upstream = ctx.config.upstream_keepalive == 0;
         if let Some(ex) = &mut self.exchange {
-            let request = ex.request.as_ref().expect("a request is in flight");
-            ex.head = request.upstream_head(body_len, close_upstream);
             ex.body_len = body_len;
             ex.sent = 0;
         }
@@ -629,7 +626,10 @@ impl HttpConnection {
         match dialled {
             Dialled::Pending => {}
             Dialled::Connected(leg) => {
+                let close_upstream = ctx.config.upstream_keepalive == 0;
                 if let Some(ex) = &mut self.exchange {
+                    let request = ex.request.as_ref().expect("a request is in flight");
+                    ex.head = request.upstream_head(ex.body_len, close_upstream, leg.addr());
                     ex.backend = Some(leg.addr());
                     ex.sent = 0;
                 }

@@ -155,9 +155,14 @@ pub struct Request {
     /// `Connection: upgrade`, HTTP/1.1 only): passed on, and only a 101
     /// from the backend makes the connection a tunnel.
     pub upgrade: Option<String>,
-    /// Our head for the backend, without its `Content-Length` and final
-    /// CRLF (`upstream_head` finishes it once the body's length is known).
+    /// Our head for the backend: the request line, and the fields, without
+    /// a `Content-Length` or the final CRLF (`upstream_head` finishes it
+    /// once the body's length and the backend are known).
+    request_line: String,
     head: String,
+    /// An HTTP/1.0 request without `Host`: the backend (HTTP/1.1) is sent
+    /// its own address, as nginx sends `$proxy_host`.
+    host_missing: bool,
 }
 
 impl Request {
@@ -166,11 +171,15 @@ impl Request {
         self.method == "HEAD"
     }
 
-    /// The head for the backend, for a body of `body_len` bytes (if the
-    /// request had a body at all), asking the backend to close after it if
-    /// `close`.
-    pub fn upstream_head(&self, body_len: u64, close: bool) -> Vec<u8> {
-        let mut head = self.head.clone();
+    /// The head for the backend at `backend`, for a body of `body_len`
+    /// bytes (if the request had a body at all), asking the backend to
+    /// close after it if `close`.
+    pub fn upstream_head(&self, body_len: u64, close: bool, backend: SocketAddr) -> Vec<u8> {
+        let mut head = self.request_line.clone();
+        if self.host_missing {
+            let _ = write!(head, "Host: {backend}\r\n");
+        }
+        head.push_str(&self.head);
         if self.framing != Framing::None {
             let _ = write!(head, "Content-Length: {body_len}\r\n");
         }
@@ -267,7 +276,8 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
         Some(v) if v.eq_ignore_ascii_case(b"100-continue") => minor == 1,
         Some(_) => return reject(417, "an Expect other than 100-continue"),
     };
-    let mut head = format!("{method} {target} HTTP/1.1\r\n");
+    let request_line = format!("{method} {target} HTTP/1.1\r\n");
+    let mut head = String::new();
     fields.write_forwarded(&mut head);
     let ip = client.ip();
     match &fields.forwarded_for {
@@ -287,7 +297,9 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
         keep_alive,
         expect_continue,
         upgrade,
+        request_line,
         head,
+        host_missing: host.is_none(),
     })
 }
 
@@ -889,7 +901,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.framing, Framing::Chunked);
         assert!(r.expect_continue && r.keep_alive);
-        let head = String::from_utf8(r.upstream_head(11, false)).unwrap();
+        let backend: SocketAddr = "10.0.0.9:8000".parse().unwrap();
+        let head = String::from_utf8(r.upstream_head(11, false, backend)).unwrap();
         assert_eq!(
             head,
             "POST /up?x=1 HTTP/1.1\r\nHost: Example.com\r\nAccept: */*\r\n\
@@ -898,9 +911,22 @@ mod tests {
         );
         let get = request("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
         assert_eq!(
-            String::from_utf8(get.upstream_head(0, true)).unwrap(),
+            String::from_utf8(get.upstream_head(0, true, backend)).unwrap(),
             "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\n\
              X-Forwarded-Proto: http\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    /// HTTP/1.0 may come without Host; HTTP/1.1 to the backend may not:
+    /// it gets the backend's address.
+    #[test]
+    fn a_request_without_host_gets_the_backends() {
+        let r = request("GET / HTTP/1.0\r\n\r\n").unwrap();
+        let backend: SocketAddr = "10.0.0.9:8000".parse().unwrap();
+        let head = String::from_utf8(r.upstream_head(0, false, backend)).unwrap();
+        assert!(
+            head.starts_with("GET / HTTP/1.1\r\nHost: 10.0.0.9:8000\r\n"),
+            "{head}"
         );
     }
 
