@@ -370,6 +370,10 @@ impl TcpConnection {
     pub fn close_now(&mut self, reason: &str, gentle: bool, ctx: &mut Ctx) -> Status {
         self.trouble.get_or_insert_with(|| reason.to_string());
         self.gentle = gentle;
+        // Now means now: no lingering for a peer that is still sending
+        // (it would keep a socket, and the idle sweep would close it again
+        // at every round for up to `LINGER`).
+        self.linger_until = Some(Instant::now());
         self.up.abort();
         self.down.abort();
         self.finish_turn(ctx, false)

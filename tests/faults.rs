@@ -1413,3 +1413,40 @@ fn log_lines_are_whole_and_none_is_lost_with_four_workers() {
         );
     }
 }
+
+/// An idle connection whose client has already sent EOF, to a backend that
+/// holds it and says nothing: at `--idle-timeout` both sockets close at
+/// once (no lingering for a backend that is not sending), and the sweep
+/// says so once. (It used to keep the backend socket up to 2s more and log
+/// "idle for" again at every sweep meanwhile; the soak test found it.)
+#[test]
+fn an_idle_connection_closes_at_once_and_is_logged_once() {
+    let (listener, backend_addr) = listen();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let backend = spawn("holding backend", move || {
+        let mut s = accept_within(&listener, SECS_10);
+        read_until_end(&mut s, &mut Vec::new(), 1024).expect("the client's EOF");
+        // Hold the connection, silent, until the test is done.
+        let _ = done_rx.recv_timeout(SECS_30);
+    });
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--idle-timeout",
+        "200ms",
+    ]);
+    let c = connect(proxy.addr);
+    let local = c.local_addr().unwrap();
+    shutdown_write(&c);
+    let closed = proxy.wait_for_close(local, SECS_10);
+    assert_eq!(closed.reason, "idle timeout", "{}", closed.line);
+    assert!(
+        closed.duration < 1.5,
+        "closed {}s after it began: it lingered past the idle timeout",
+        closed.duration
+    );
+    let idle_lines = proxy.lines_containing(" idle for ");
+    assert_eq!(idle_lines.len(), 1, "{idle_lines:#?}");
+    done_tx.send(()).expect("backend alive");
+    backend.join(SECS_10);
+}
