@@ -17,8 +17,10 @@ use super::{Bg, listen, spawn};
 pub struct Got {
     /// Which of the backend's connections (0, 1, ...) it came on.
     pub conn: usize,
-    /// The head exactly as received, through the blank line.
+    /// The head as received, through the blank line (lossy UTF-8).
     pub head: String,
+    /// The same head byte for byte, for bytes that are not UTF-8.
+    pub head_bytes: Vec<u8>,
     pub body: Vec<u8>,
     /// When the backend accepted the connection it came on, and when the
     /// request's last byte was in.
@@ -174,12 +176,13 @@ fn handle(
     s.set_read_timeout(Some(Duration::from_millis(50))).ok();
     let mut buf = Vec::new();
     loop {
-        let Some((head, body)) = read_request(&mut s, &mut buf, stop) else {
+        let Some((head_bytes, body)) = read_request(&mut s, &mut buf, stop) else {
             return;
         };
         let request = Got {
             conn,
-            head,
+            head: String::from_utf8_lossy(&head_bytes).into_owned(),
+            head_bytes,
             body,
             accepted_at,
             complete_at: Instant::now(),
@@ -211,18 +214,18 @@ fn handle(
     }
 }
 
-/// Read one request framed by `Content-Length` (or none); `None` when the
-/// connection ends or the test stops first.
+/// Read one request framed by `Content-Length` (or none): its head and
+/// body; `None` when the connection ends or the test stops first.
 fn read_request(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
     stop: &AtomicBool,
-) -> Option<(String, Vec<u8>)> {
+) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut chunk = [0u8; 64 * 1024];
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            let len = head
+            let head = buf[..end + 4].to_vec();
+            let len = String::from_utf8_lossy(&head)
                 .split("\r\n")
                 .filter_map(|l| l.split_once(':'))
                 .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
@@ -469,4 +472,46 @@ pub fn post(path: &str, body: &[u8]) -> Vec<u8> {
     .into_bytes();
     r.extend_from_slice(body);
     r
+}
+
+/// Wait until the process at the other end of `stream` has read every byte
+/// written to it so far, the stream staying open (`wait_until_peer_read_all`
+/// is the same for a stream shut with its FIN): the peer's kernel has
+/// acknowledged them all (our `SIOCOUTQ` is zero), then its socket's
+/// `rx_queue` in `/proc/net/tcp` is zero. What is written next reaches the
+/// peer in a read of its own: how a test cuts a request at an exact byte.
+/// Polls finely, since a test may do this hundreds of times.
+pub fn wait_until_peer_has_read(stream: &TcpStream, timeout: Duration) {
+    use std::os::unix::io::AsRawFd;
+    const STEP: Duration = Duration::from_micros(200);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut unacked: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int through the pointer,
+        // which points at a live local; the fd is owned by `stream`.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unacked) };
+        assert_eq!(rc, 0, "ioctl(SIOCOUTQ): {}", io::Error::last_os_error());
+        if unacked == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unacked} bytes still unacknowledged after {timeout:?}"
+        );
+        thread::sleep(STEP);
+    }
+    // The peer's socket: local and remote swapped.
+    let peer = stream.peer_addr().expect("peer_addr");
+    let local = stream.local_addr().expect("local_addr");
+    loop {
+        let unread = super::tcp_rx_queue(peer, local);
+        if unread == Some(0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer {peer} left {unread:?} bytes unread for {timeout:?}"
+        );
+        thread::sleep(STEP);
+    }
 }

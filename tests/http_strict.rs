@@ -1,0 +1,644 @@
+//! Strictness of `--mode http`, through the real binary: the table of
+//! malformed requests, the classic smuggling vectors with a second request
+//! behind them, requests cut at every byte, and the head a backend gets.
+//!
+//! What every refusal must look like: its status, a small answer framed by
+//! `Content-Length` with `Connection: close`, then EOF (an orderly close:
+//! spillway lingers, so a reset never destroys the answer), an access line
+//! `"<request line or ->" <status>`, and not one byte, nor even a
+//! connection, at any backend. Where the proxy is wrong, the test is
+//! `#[ignore = "bug: ..."]` until src/ is fixed; run those with
+//! `cargo test --test http_strict -- --ignored`.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::http::*;
+use common::*;
+
+const SECS_10: Duration = Duration::from_secs(10);
+
+/// The request a smuggler hopes a backend reads as its own.
+const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+
+/// The proxy under test, one worker, in front of `backend`.
+fn strict_proxy(backend: &HttpBackend, extra: &[&str]) -> Proxy {
+    let addr = backend.arg();
+    let mut args = vec!["--mode", "http", "--workers", "1", "--backend", &addr];
+    args.extend_from_slice(extra);
+    Proxy::start(&args)
+}
+
+/// A backend that answers 200 with the request line as the body.
+fn echo_line_backend() -> HttpBackend {
+    HttpBackend::start(|g| Reply::Bytes(ok(g.line().as_bytes())))
+}
+
+/// `resp` is one of spillway's own refusals with `status`: small, framed by
+/// a `Content-Length` that is right, closing, no chunks.
+fn assert_refusal(resp: &Resp, status: u16, what: &str) {
+    assert_eq!(resp.status, status, "{what}: {}", resp.head);
+    assert!(
+        resp.head.starts_with(&format!("HTTP/1.1 {status} ")),
+        "{what}: {}",
+        resp.head
+    );
+    assert!(resp.closes(), "{what}: no Connection: close: {}", resp.head);
+    let length = resp
+        .field("content-length")
+        .unwrap_or_else(|| panic!("{what}: no Content-Length: {}", resp.head));
+    assert_eq!(
+        length.parse::<usize>().ok(),
+        Some(resp.body.len()),
+        "{what}: Content-Length {length} for a body of {}",
+        resp.body.len()
+    );
+    assert!(resp.field("transfer-encoding").is_none(), "{what}");
+    assert!(
+        resp.head.len() + resp.body.len() < 512,
+        "{what}: an answer of {} bytes",
+        resp.head.len() + resp.body.len()
+    );
+}
+
+/// After the last response, the proxy closes in order: EOF, not a reset,
+/// and nothing more.
+fn expect_orderly_close(client: &mut Client, what: &str) {
+    assert!(
+        client.leftover().is_empty(),
+        "{what}: bytes after the answer: {:?}",
+        String::from_utf8_lossy(client.leftover())
+    );
+    let mut byte = [0u8; 1];
+    match client.stream.read(&mut byte) {
+        Ok(0) => {}
+        Ok(_) => panic!("{what}: more bytes after the answer"),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+            panic!("{what}: a reset where an orderly close was due")
+        }
+        Err(e) => panic!("{what}: no EOF: {}", explain(&e)),
+    }
+}
+
+/// Send `request` on a new connection and check that it is refused whole:
+/// the answer, the close, the access line, the close line, and no backend
+/// byte. Returns the client's address.
+fn expect_refused(
+    proxy: &mut Proxy,
+    backend: &HttpBackend,
+    request: &[u8],
+    status: u16,
+    line: &str,
+    what: &str,
+) -> SocketAddr {
+    let mut client = Client::connect(proxy.addr);
+    let addr = client.stream.local_addr().expect("local_addr");
+    client.send(request);
+    let resp = client
+        .try_response(false)
+        .unwrap_or_else(|e| panic!("{what}: no answer: {}", explain(&e)));
+    assert_refusal(&resp, status, what);
+    expect_orderly_close(&mut client, what);
+    let access = proxy.wait_for_log(
+        &format!("\"{line}\" {status} client={addr} backend=- "),
+        SECS_10,
+    );
+    assert!(access.contains(" INFO [conn "), "{what}: {access}");
+    drop(client);
+    let closed = close_line(proxy, addr);
+    assert_eq!(number(&closed, "up_bytes"), 0, "{what}: {closed}");
+    assert!(
+        closed.contains(&format!(" reason={status} ")),
+        "{what}: {closed}"
+    );
+    assert_eq!(
+        (backend.accepted(), backend.got().len()),
+        (0, 0),
+        "{what}: the backend was reached"
+    );
+    addr
+}
+
+/// The summary line of the HTTP connection from `client` (its fields are
+/// not those of a TCP one: `requests=`, no spill counts).
+fn close_line(proxy: &mut Proxy, client: SocketAddr) -> String {
+    let needle = format!(" closed client={client} ");
+    proxy.wait_for_line(&format!("closing {client}"), SECS_10, |l| {
+        l.contains(" INFO [conn ") && l.contains(&needle)
+    })
+}
+
+/// The number after ` key=` in `line`.
+fn number(line: &str, key: &str) -> u64 {
+    let at = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 2;
+    line[at..]
+        .split(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key}= is not a number in {line}"))
+}
+
+/// One row of the table: a request, the status it gets, and the request
+/// line its access line shows (`-` when the head itself was refused).
+struct Bad {
+    what: &'static str,
+    request: Vec<u8>,
+    status: u16,
+    line: &'static str,
+}
+
+/// Refused on its head.
+fn head(what: &'static str, request: impl AsRef<[u8]>, status: u16) -> Bad {
+    Bad {
+        what,
+        request: request.as_ref().to_vec(),
+        status,
+        line: "-",
+    }
+}
+
+/// `POST /` with `Transfer-Encoding: chunked`, refused on its `body`.
+fn chunks(what: &'static str, body: impl AsRef<[u8]>, status: u16) -> Bad {
+    let mut request = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    request.extend_from_slice(body.as_ref());
+    Bad {
+        what,
+        request,
+        status,
+        line: "POST / HTTP/1.1",
+    }
+}
+
+/// `GET /` on HTTP/1.1 with Host `t` and `fields` (each ending in CRLF).
+fn get_with(fields: &str) -> String {
+    format!("GET / HTTP/1.1\r\nHost: t\r\n{fields}\r\n")
+}
+
+/// `POST /` on HTTP/1.1 with Host `t` and `fields` (each ending in CRLF).
+fn post_with(fields: &str) -> String {
+    format!("POST / HTTP/1.1\r\nHost: t\r\n{fields}\r\n")
+}
+
+fn malformed_table() -> Vec<Bad> {
+    let long_target = format!(
+        "GET /{} HTTP/1.1\r\nHost: t\r\n\r\n",
+        "a".repeat(8193 - "GET / HTTP/1.1".len())
+    );
+    let mut long_extension = b"1;".to_vec();
+    long_extension.extend(std::iter::repeat_n(b'x', 16 * KIB));
+    long_extension.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+    let mut split_extensions = Vec::new();
+    for _ in 0..3 {
+        split_extensions.extend_from_slice(format!("1;{}\r\na\r\n", "e".repeat(6000)).as_bytes());
+    }
+    split_extensions.extend_from_slice(b"0\r\n\r\n");
+    let mut over_limit = b"200\r\n".to_vec();
+    over_limit.extend(std::iter::repeat_n(b'z', 0x200));
+    over_limit.extend_from_slice(b"\r\n201\r\n");
+    over_limit.extend(std::iter::repeat_n(b'z', 0x201));
+    over_limit.extend_from_slice(b"\r\n0\r\n\r\n");
+    vec![
+        // The request line.
+        head(
+            "two spaces after the method",
+            "GET  / HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a tab for a space",
+            "GET\t/ HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a space before the method",
+            " GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a space after the version",
+            "GET / HTTP/1.1 \r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head("no version (HTTP/0.9)", "GET /\r\n\r\n", 400),
+        head(
+            "a lowercase version",
+            "GET / http/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "HTTP/2.0 in a request line",
+            "GET / HTTP/2.0\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head("HTTP/1.10", "GET / HTTP/1.10\r\nHost: t\r\n\r\n", 400),
+        head(
+            "NUL in the method",
+            b"G\0T / HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a control byte in the method",
+            b"G\x01T / HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "'#' in the target",
+            "GET /a#b HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "UTF-8 in the target",
+            "GET /caf\u{e9} HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a raw 0xff in the target",
+            b"GET /a\xffb HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "DEL in the target",
+            b"GET /a\x7fb HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "NUL in the target",
+            b"GET /a\0b HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a relative target",
+            "GET index.html HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head("'*' for a GET", "GET * HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        head(
+            "absolute-form naming another host",
+            "GET http://other/ HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "absolute-form with userinfo",
+            "GET http://u@t/ HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "absolute-form with no authority",
+            "GET http:///x HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "two empty lines before the request line",
+            "\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head("a request line over 8KiB", long_target, 414),
+        // Line ends and bytes in the head.
+        head(
+            "a bare LF ending the request line",
+            "GET / HTTP/1.1\nHost: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a bare LF ending a field line",
+            "GET / HTTP/1.1\r\nHost: t\nX: y\r\n\r\n",
+            400,
+        ),
+        head(
+            "bare LFs ending the head",
+            "GET / HTTP/1.1\r\nHost: t\n\n",
+            400,
+        ),
+        head(
+            "a bare CR in the request line",
+            "GET /\r HTTP/1.1\r\nHost: t\r\n\r\n",
+            400,
+        ),
+        head("a bare CR in a field value", get_with("X: a\rb\r\n"), 400),
+        head("CR CR LF", "GET / HTTP/1.1\r\r\nHost: t\r\n\r\n", 400),
+        head("NUL in a field value", get_with("X: a\0b\r\n"), 400),
+        head("0x01 in a field value", get_with("X: a\x01b\r\n"), 400),
+        head(
+            "a vertical tab in a field value",
+            get_with("X: a\x0bb\r\n"),
+            400,
+        ),
+        head(
+            "a form feed in a field value",
+            get_with("X: a\x0cb\r\n"),
+            400,
+        ),
+        head("DEL in a field value", get_with("X: a\x7fb\r\n"), 400),
+        head("ESC in a field value", get_with("X: \x1b[31m\r\n"), 400),
+        head("NUL in a field name", get_with("X\0Y: z\r\n"), 400),
+        head("obs-fold", get_with("X: a\r\n b\r\n"), 400),
+        head("obs-fold with a tab", get_with("X: a\r\n\tb\r\n"), 400),
+        head(
+            "obs-fold on the first field line",
+            "GET / HTTP/1.1\r\n Host: t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a space before the colon",
+            "GET / HTTP/1.1\r\nHost : t\r\n\r\n",
+            400,
+        ),
+        head(
+            "a tab before the colon",
+            "GET / HTTP/1.1\r\nHost\t: t\r\n\r\n",
+            400,
+        ),
+        head("an empty field name", get_with(": x\r\n"), 400),
+        head(
+            "a field line without a colon",
+            get_with("just words\r\n"),
+            400,
+        ),
+        head("'(' in a field name", get_with("X(y): z\r\n"), 400),
+        // Host (RFC 9112 §3.2).
+        head("no Host on HTTP/1.1", "GET / HTTP/1.1\r\n\r\n", 400),
+        head("Host twice", get_with("Host: t\r\n"), 400),
+        head("Host twice, other case", get_with("host: u\r\n"), 400),
+        head("an empty Host", "GET / HTTP/1.1\r\nHost:\r\n\r\n", 400),
+        head(
+            "a space inside Host",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            400,
+        ),
+        head(
+            "a slash in Host",
+            "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            400,
+        ),
+        head(
+            "userinfo in Host",
+            "GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
+            400,
+        ),
+        head(
+            "a port that is not digits",
+            "GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n",
+            400,
+        ),
+        head(
+            "an unclosed IPv6 literal",
+            "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+            400,
+        ),
+        head(
+            "a Host on HTTP/1.0 that is invalid",
+            "GET / HTTP/1.0\r\nHost: a b\r\n\r\n",
+            400,
+        ),
+        // Content-Length.
+        head(
+            "Content-Length with Transfer-Encoding",
+            post_with("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: 0 with chunked",
+            post_with("Content-Length: 0\r\nTransfer-Encoding: chunked\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: +5",
+            post_with("Content-Length: +5\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: -1",
+            post_with("Content-Length: -1\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: 1 000",
+            post_with("Content-Length: 1 000\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: 5,5",
+            post_with("Content-Length: 5,5\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: 5, 5",
+            post_with("Content-Length: 5, 5\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: 0x10",
+            post_with("Content-Length: 0x10\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length: 5e2",
+            post_with("Content-Length: 5e2\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length that overflows",
+            post_with("Content-Length: 99999999999999999999\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length of 2^64",
+            post_with("Content-Length: 18446744073709551616\r\n"),
+            400,
+        ),
+        head(
+            "an empty Content-Length",
+            post_with("Content-Length:\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length twice, same value",
+            post_with("Content-Length: 5\r\nContent-Length: 5\r\n"),
+            400,
+        ),
+        head(
+            "Content-Length twice, other values",
+            post_with("Content-Length: 0\r\nContent-Length: 5\r\n"),
+            400,
+        ),
+        // Transfer-Encoding.
+        head(
+            "Transfer-Encoding on HTTP/1.0",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+        head(
+            "chunked, then gzip",
+            post_with("Transfer-Encoding: chunked, gzip\r\n"),
+            400,
+        ),
+        head(
+            "chunked, then identity on a line of its own",
+            post_with("Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n"),
+            400,
+        ),
+        head(
+            "chunked twice in one field",
+            post_with("Transfer-Encoding: chunked, chunked\r\n"),
+            400,
+        ),
+        head(
+            "chunked on two lines",
+            post_with("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"),
+            400,
+        ),
+        head(
+            "an empty coding in the list",
+            post_with("Transfer-Encoding: chunked,\r\n"),
+            400,
+        ),
+        head(
+            "an empty Transfer-Encoding",
+            post_with("Transfer-Encoding:\r\n"),
+            400,
+        ),
+        head(
+            "a quoted chunked",
+            post_with("Transfer-Encoding: \"chunked\"\r\n"),
+            400,
+        ),
+        head("gzip alone", post_with("Transfer-Encoding: gzip\r\n"), 501),
+        head(
+            "gzip, then chunked",
+            post_with("Transfer-Encoding: gzip, chunked\r\n"),
+            501,
+        ),
+        head(
+            "identity",
+            post_with("Transfer-Encoding: identity\r\n"),
+            501,
+        ),
+        head(
+            "xchunked",
+            post_with("Transfer-Encoding: xchunked\r\n"),
+            501,
+        ),
+        // Methods and expectations.
+        head(
+            "CONNECT",
+            "CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\n\r\n",
+            405,
+        ),
+        head("TRACE", "TRACE / HTTP/1.1\r\nHost: t\r\n\r\n", 405),
+        head(
+            "an Expect other than 100-continue",
+            get_with("Expect: 200-ok\r\n"),
+            417,
+        ),
+        head(
+            "an Expect other than 100-continue on HTTP/1.0",
+            "GET / HTTP/1.0\r\nExpect: x\r\n\r\n",
+            417,
+        ),
+        // Sizes (the proxy runs with --max-request-body 1KiB).
+        head(
+            "a head over --max-header-size",
+            get_with(&format!("X: {}\r\n", "h".repeat(33 * KIB))),
+            431,
+        ),
+        head(
+            "an unfinished head over --max-header-size",
+            format!("GET / HTTP/1.1\r\nX: {}", "h".repeat(33 * KIB)),
+            431,
+        ),
+        head(
+            "129 header fields",
+            get_with(&"X-A: 1\r\n".repeat(128)),
+            431,
+        ),
+        Bad {
+            what: "a Content-Length over --max-request-body",
+            request: post_with("Content-Length: 1025\r\n").into_bytes(),
+            status: 413,
+            line: "POST / HTTP/1.1",
+        },
+        chunks(
+            "chunks adding up to more than --max-request-body",
+            over_limit,
+            413,
+        ),
+        // Chunked framing.
+        chunks(
+            "a chunk size over 16 hex digits",
+            "00000000000000001\r\na\r\n0\r\n\r\n",
+            400,
+        ),
+        chunks(
+            "a chunk size that overflows",
+            "10000000000000001\r\na\r\n0\r\n\r\n",
+            400,
+        ),
+        chunks("a chunk size that is not hex", "zz\r\n", 400),
+        chunks("a chunk size with 0x", "0x1\r\na\r\n0\r\n\r\n", 400),
+        chunks("a chunk size with a sign", "+1\r\na\r\n0\r\n\r\n", 400),
+        chunks(
+            "a chunk size with leading spaces",
+            " 1\r\na\r\n0\r\n\r\n",
+            400,
+        ),
+        chunks(
+            "a chunk size with a trailing space and no extension",
+            "1 \r\na\r\n0\r\n\r\n",
+            400,
+        ),
+        chunks("an empty chunk size line", "\r\n", 400),
+        chunks("a bare LF after a chunk size", "1\na\r\n0\r\n\r\n", 400),
+        chunks("a bare CR after a chunk size", "1\ra\r\n0\r\n\r\n", 400),
+        chunks("a bare LF after chunk data", "1\r\na\n0\r\n\r\n", 400),
+        chunks("no CRLF after chunk data", "1\r\nab\r\n0\r\n\r\n", 400),
+        chunks("0 LF LF ending the body", "1\r\na\r\n0\n\n", 400),
+        chunks("0 CRLF LF ending the body", "1\r\na\r\n0\r\n\n", 400),
+        chunks("a bare LF in a trailer", "0\r\nX: a\nY: b\r\n\r\n", 400),
+        chunks("a control byte in a trailer", "0\r\nX: a\x01\r\n\r\n", 400),
+        chunks(
+            "trailers over --max-header-size",
+            format!("0\r\nX: {}\r\n\r\n", "t".repeat(40 * KIB)),
+            400,
+        ),
+        chunks("a LF inside a chunk extension", "2;\nxx\r\n0\r\n\r\n", 400),
+        chunks(
+            "NUL inside a chunk extension",
+            b"1;a\0\r\na\r\n0\r\n\r\n",
+            400,
+        ),
+        chunks("a chunk extension over 16KiB", long_extension, 400),
+        chunks("chunk extensions over 16KiB in all", split_extensions, 400),
+    ]
+}
+
+/// The table of malformed requests: each is refused with its status, in a
+/// small framed closing answer, then EOF; each has its access line; and no
+/// backend ever sees a byte or a connection.
+#[test]
+fn malformed_requests_are_refused_whole_and_reach_no_backend() {
+    let backend = echo_line_backend();
+    let mut proxy = strict_proxy(&backend, &["--max-request-body", "1KiB"]);
+    let table = malformed_table();
+    for case in &table {
+        expect_refused(
+            &mut proxy,
+            &backend,
+            &case.request,
+            case.status,
+            case.line,
+            case.what,
+        );
+    }
+    // Nothing reached a backend late either.
+    holds_for(Duration::from_millis(200), || {
+        assert_eq!(backend.accepted(), 0, "the backend was dialled");
+    });
+    eprintln!("{} malformed requests refused", table.len());
+}
