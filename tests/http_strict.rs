@@ -642,3 +642,484 @@ fn malformed_requests_are_refused_whole_and_reach_no_backend() {
     });
     eprintln!("{} malformed requests refused", table.len());
 }
+
+/// `SMUGGLED` as one chunk, then the last chunk: what a parser that reads
+/// this body as chunked takes for data.
+fn smuggled_in_a_chunk() -> String {
+    format!("{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n", SMUGGLED.len())
+}
+
+/// The classic vectors, each with a whole second request where a lenient
+/// parser (front or back) would find one: refused with a close, and the
+/// backend never dialled. (Reading both framings as spillway does, every
+/// one of these is ambiguous or malformed.)
+fn refused_vectors() -> Vec<Bad> {
+    let s = SMUGGLED;
+    let chunk = smuggled_in_a_chunk();
+    let post =
+        |fields: &str, body: &str| format!("POST / HTTP/1.1\r\nHost: t\r\n{fields}\r\n{body}");
+    vec![
+        head(
+            "CL.TE: the length ends after the smuggled request, chunks before it",
+            post(
+                &format!(
+                    "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                    5 + s.len()
+                ),
+                &format!("0\r\n\r\n{s}"),
+            ),
+            400,
+        ),
+        head(
+            "TE.CL: the chunk holds the smuggled request, the length stops before it",
+            post(
+                "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.CL, Transfer-Encoding first",
+            post(
+                "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: a space before the colon",
+            post(
+                "Transfer-Encoding : chunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: xchunked",
+            post(
+                "Transfer-Encoding: xchunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: a tab before chunked",
+            post(
+                "Transfer-Encoding:\tchunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: a vertical tab before chunked",
+            post(
+                "Transfer-Encoding:\x0bchunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: chunked twice, no length",
+            post(
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: chunked, then a bogus coding",
+            post(
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: cow\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: chunked folded onto the next line",
+            post(
+                "Transfer-Encoding:\r\n chunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: the field behind a bare LF",
+            post(
+                "X: y\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: NUL after chunked",
+            post(
+                "Transfer-Encoding: chunked\0\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: chunked in quotes",
+            post(
+                "Transfer-Encoding: \"chunked\"\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: gzip, chunked (and a length)",
+            post(
+                "Transfer-Encoding: gzip, chunked\r\nContent-Length: 4\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        head(
+            "TE.TE: gzip, chunked alone",
+            post("Transfer-Encoding: gzip, chunked\r\n", &chunk),
+            501,
+        ),
+        head(
+            "Transfer-Encoding on HTTP/1.0",
+            format!("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}"),
+            400,
+        ),
+        head(
+            "Transfer-Encoding and a length on HTTP/1.0",
+            format!(
+                "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{chunk}"
+            ),
+            400,
+        ),
+        head(
+            "Content-Length twice: 0, then the smuggled request's",
+            post(
+                &format!("Content-Length: 0\r\nContent-Length: {}\r\n", s.len()),
+                s,
+            ),
+            400,
+        ),
+        head(
+            "Content-Length as a list",
+            post(&format!("Content-Length: {0}, {0}\r\n", s.len()), s),
+            400,
+        ),
+        head(
+            "Content-Length: 0 with chunks",
+            post(
+                "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+                &chunk,
+            ),
+            400,
+        ),
+        chunks(
+            "a LF inside a chunk extension",
+            format!("2;\nxx\r\n{chunk}"),
+            400,
+        ),
+        chunks(
+            "a LF ending a chunk extension, the chunk sized for the smuggled request",
+            format!("{:x};x\n{s}\r\n0\r\n\r\n", s.len()),
+            400,
+        ),
+        chunks(
+            "0 LF LF ending the body",
+            format!("1\r\na\r\n0\n\n{s}"),
+            400,
+        ),
+        chunks("0 CRLF LF ending the body", format!("0\r\n\n{s}"), 400),
+        chunks(
+            "a chunk size with leading spaces",
+            format!(" {:x}\r\n{s}\r\n0\r\n\r\n", s.len()),
+            400,
+        ),
+        chunks(
+            "a chunk size of 17 digits whose low 64 bits are 0",
+            format!("10000000000000000\r\n\r\n{s}"),
+            400,
+        ),
+        chunks(
+            "a chunk size of 17 digits whose low 64 bits are the smuggled length",
+            format!("1{:016x}\r\n{s}\r\n0\r\n\r\n", s.len()),
+            400,
+        ),
+        chunks(
+            "a chunk size in 0x form",
+            format!("0x{:x}\r\n{s}\r\n0\r\n\r\n", s.len()),
+            400,
+        ),
+        chunks(
+            "chunk data longer than its size",
+            format!("3\r\nabc{s}\r\n0\r\n\r\n"),
+            400,
+        ),
+        chunks(
+            "a bare CR ending a chunk size",
+            format!("{:x}\r{s}\r\n0\r\n\r\n", s.len()),
+            400,
+        ),
+        chunks(
+            "a bare LF ending a chunk size",
+            format!("{:x}\n{s}\r\n0\r\n\r\n", s.len()),
+            400,
+        ),
+        chunks(
+            "a bare LF ending chunk data",
+            format!("1\r\na\n0\r\n\r\n{s}"),
+            400,
+        ),
+        chunks(
+            "a bare LF in the trailer section",
+            format!("0\r\nX: y\n\r\n{s}"),
+            400,
+        ),
+    ]
+}
+
+/// Vectors a strict parser reads one way only: each is served, its body is
+/// exactly what that reading says, and the backend gets one request, with a
+/// length we counted, and none named `/smuggled`.
+fn served_vectors() -> Vec<(&'static str, String, String)> {
+    let s = SMUGGLED;
+    let chunk = smuggled_in_a_chunk();
+    let post =
+        |fields: &str, body: &str| format!("POST / HTTP/1.1\r\nHost: t\r\n{fields}\r\n{body}");
+    vec![
+        (
+            "a tab before chunked, no length",
+            post("Transfer-Encoding:\tchunked\r\n", &chunk),
+            s.to_string(),
+        ),
+        (
+            "CHUNKED in capitals",
+            post("Transfer-Encoding: CHUNKED\r\n", &chunk),
+            s.to_string(),
+        ),
+        (
+            "spaces after chunked",
+            post("Transfer-Encoding: chunked  \r\n", &chunk),
+            s.to_string(),
+        ),
+        (
+            "Transfer_Encoding, with an underscore, and a length over all",
+            post(
+                &format!(
+                    "Content-Length: {}\r\nTransfer_Encoding: chunked\r\n",
+                    5 + s.len()
+                ),
+                &format!("0\r\n\r\n{s}"),
+            ),
+            format!("0\r\n\r\n{s}"),
+        ),
+        (
+            "Content_Length, with an underscore, on chunks",
+            post(
+                "Content_Length: 0\r\nTransfer-Encoding: chunked\r\n",
+                &chunk,
+            ),
+            s.to_string(),
+        ),
+        (
+            "a GET with a body by Content-Length",
+            format!(
+                "GET / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{s}",
+                s.len()
+            ),
+            s.to_string(),
+        ),
+        (
+            "trailers that name framing fields",
+            post(
+                "Transfer-Encoding: chunked\r\n",
+                &format!(
+                    "{:x}\r\n{s}\r\n0\r\nContent-Length: 0\r\nTransfer-Encoding: x\r\n\r\n",
+                    s.len()
+                ),
+            ),
+            s.to_string(),
+        ),
+        (
+            "a quoted chunk extension holding what looks like a chunk",
+            post(
+                "Transfer-Encoding: chunked\r\n",
+                &format!("{:x};a=\"0;b\"\r\n{s}\r\n0\r\n\r\n", s.len()),
+            ),
+            s.to_string(),
+        ),
+    ]
+}
+
+/// Smuggling: the classic vectors with a whole `GET /smuggled` where a
+/// lenient parser would find it. The ambiguous and malformed ones are
+/// refused with a close before any backend is dialled; the rest are served
+/// with exactly the body a strict reading gives. No backend ever sees
+/// `/smuggled` as a request, and the proxy never logs one.
+#[test]
+fn smuggling_vectors_never_put_a_request_before_a_backend() {
+    let untouched = echo_line_backend();
+    let mut proxy = strict_proxy(&untouched, &[]);
+    let refused = refused_vectors();
+    for case in &refused {
+        expect_refused(
+            &mut proxy,
+            &untouched,
+            &case.request,
+            case.status,
+            case.line,
+            case.what,
+        );
+    }
+    assert!(proxy.lines_containing("/smuggled").is_empty());
+
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &[]);
+    let served = served_vectors();
+    for (what, request, body) in &served {
+        let before = backend.got().len();
+        let mut client = Client::connect(proxy.addr);
+        client.send(request.as_bytes());
+        let resp = client.response(false);
+        assert_eq!(resp.status, 200, "{what}: {}", resp.head);
+        let got = backend.wait_for_requests(before + 1, SECS_10);
+        let g = &got[before];
+        assert_bytes_eq(what, &g.body, body.as_bytes());
+        assert_eq!(
+            g.fields("content-length"),
+            [body.len().to_string()],
+            "{what}: {}",
+            g.head
+        );
+        for framing in ["transfer-encoding", "transfer_encoding", "content_length"] {
+            assert!(g.fields(framing).is_empty(), "{what}: {}", g.head);
+        }
+        // Nothing else came on this connection, and it is still open.
+        holds_for(Duration::from_millis(50), || {
+            assert_eq!(backend.got().len(), before + 1, "{what}: a second request");
+        });
+        client.send(&get("/after"));
+        assert_eq!(
+            client.response(false).body,
+            b"GET /after HTTP/1.1",
+            "{what}"
+        );
+    }
+    for g in backend.got() {
+        assert!(!g.line().contains("/smuggled"), "{}", g.head);
+    }
+    assert!(proxy.lines_containing("/smuggled").is_empty());
+    eprintln!(
+        "{} vectors refused, {} served strictly",
+        refused.len(),
+        served.len()
+    );
+}
+
+/// The probe the cuts rely on sees bytes the peer has not read, and sees
+/// them go when it reads them (were it blind, every cut below would be the
+/// whole request in one read, and prove nothing).
+#[test]
+fn the_probe_for_unread_bytes_sees_them() {
+    let (listener, addr) = listen();
+    let mut writer = connect(addr);
+    let mut reader = accept_within(&listener, SECS_10);
+    writer.write_all(b"0123456789").expect("write");
+    let (near, far) = (reader.local_addr().unwrap(), reader.peer_addr().unwrap());
+    wait_until("10 bytes queued", SECS_10, || {
+        tcp_receive_queue(near, far) == Some(10)
+    });
+    let mut five = [0u8; 5];
+    reader.read_exact(&mut five).expect("read");
+    assert_eq!(tcp_receive_queue(near, far), Some(5));
+    reader.read_exact(&mut five).expect("read");
+    wait_until_peer_has_read(&writer, SECS_10);
+    assert_eq!(tcp_receive_queue(far, near), Some(0), "the other way");
+    assert_eq!(tcp_receive_queue(near, dead_addr()), None, "no such socket");
+}
+
+/// Send `bytes` cut at `cut`: the first part, then, once the proxy has
+/// read all of it (so the rest comes in reads of its own), the rest.
+fn send_cut(client: &mut Client, bytes: &[u8], cut: usize) {
+    client.send(&bytes[..cut]);
+    wait_until_peer_has_read(&client.stream, SECS_10);
+    client.send(&bytes[cut..]);
+}
+
+/// Two pipelined requests, one chunked (with an extension, a chunk of one
+/// space and a trailer) and one with a `Content-Length` body, cut at every
+/// byte offset in turn: the backend gets the same head and body bytes for
+/// every cut as for the whole. (A connection per cut: on one kept alive,
+/// the proxy's kernel soon delays its ACKs, and waiting for each would
+/// cost 40ms a cut.)
+#[test]
+fn requests_cut_at_every_byte_reach_the_backend_as_the_same_bytes() {
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &[]);
+    let stream: Vec<u8> = [
+        &b"POST /split?q=1 HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\
+           X-A: b\r\n\r\n5;e=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nT: x\r\n\r\n"[..],
+        &b"PUT /cl HTTP/1.1\r\nHost: example.test\r\nContent-Length: 11\r\n\r\nhello world"[..],
+    ]
+    .concat();
+    let exchange = |cut: usize| -> Vec<Got> {
+        let before = backend.got().len();
+        let mut client = Client::connect(proxy.addr);
+        send_cut(&mut client, &stream, cut);
+        assert_eq!(
+            client.response(false).body,
+            b"POST /split?q=1 HTTP/1.1",
+            "cut {cut}"
+        );
+        assert_eq!(
+            client.response(false).body,
+            b"PUT /cl HTTP/1.1",
+            "cut {cut}"
+        );
+        // The backend records a request before it answers it.
+        let got = backend.got()[before..].to_vec();
+        assert_eq!(got.len(), 2, "cut {cut}");
+        got
+    };
+    let whole = exchange(0);
+    assert_eq!(whole[0].body, b"hello world");
+    assert_eq!(whole[1].body, b"hello world");
+    let started = Instant::now();
+    for cut in 1..stream.len() {
+        let got = exchange(cut);
+        for (g, w) in got.iter().zip(&whole) {
+            assert_bytes_eq(&format!("head, cut at {cut}"), &g.head_bytes, &w.head_bytes);
+            assert_bytes_eq(&format!("body, cut at {cut}"), &g.body, &w.body);
+        }
+    }
+    eprintln!("{} cuts in {:?}", stream.len() - 1, started.elapsed());
+}
+
+/// Malformed requests cut at every byte offset are refused the same way
+/// wherever the cut falls, and the request behind them never reaches a
+/// backend: a bare LF in the head, and `0 LF LF` ending a chunked body.
+#[test]
+fn malformed_requests_cut_at_every_byte_are_refused_alike() {
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &[]);
+    let inputs = [
+        format!("GET / HTTP/1.1\r\nHost: t\nX: y\r\n\r\n{SMUGGLED}"),
+        format!(
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\n\n{SMUGGLED}"
+        ),
+    ];
+    let started = Instant::now();
+    for input in &inputs {
+        let bytes = input.as_bytes();
+        for cut in 1..bytes.len() {
+            let what = format!("{input:?} cut at {cut}");
+            let mut client = Client::connect(proxy.addr);
+            send_cut(&mut client, bytes, cut);
+            let resp = client
+                .try_response(false)
+                .unwrap_or_else(|e| panic!("{what}: no answer: {}", explain(&e)));
+            assert_refusal(&resp, 400, &what);
+            expect_orderly_close(&mut client, &what);
+        }
+    }
+    assert_eq!(backend.accepted(), 0, "the backend was dialled");
+    eprintln!("every cut refused in {:?}", started.elapsed());
+}
