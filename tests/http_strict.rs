@@ -84,8 +84,9 @@ fn expect_orderly_close(client: &mut Client, what: &str) {
 }
 
 /// Send `request` on a new connection and check that it is refused whole:
-/// the answer, the close, the access line, the close line, and no backend
-/// byte. Returns the client's address.
+/// the answer, the close, the access line, the close line, and nothing
+/// more at the backend, no request and no connection. Returns the client's
+/// address.
 fn expect_refused(
     proxy: &mut Proxy,
     backend: &HttpBackend,
@@ -94,6 +95,7 @@ fn expect_refused(
     line: &str,
     what: &str,
 ) -> SocketAddr {
+    let backend_before = (backend.accepted(), backend.got().len());
     let mut client = Client::connect(proxy.addr);
     let addr = client.stream.local_addr().expect("local_addr");
     client.send(request);
@@ -116,7 +118,7 @@ fn expect_refused(
     );
     assert_eq!(
         (backend.accepted(), backend.got().len()),
-        (0, 0),
+        backend_before,
         "{what}: the backend was reached"
     );
     addr
@@ -292,11 +294,6 @@ fn malformed_table() -> Vec<Bad> {
         head(
             "absolute-form with no authority",
             "GET http:///x HTTP/1.1\r\nHost: t\r\n\r\n",
-            400,
-        ),
-        head(
-            "two empty lines before the request line",
-            "\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n",
             400,
         ),
         head("a request line over 8KiB", long_target, 414),
@@ -640,6 +637,7 @@ fn malformed_requests_are_refused_whole_and_reach_no_backend() {
     holds_for(Duration::from_millis(200), || {
         assert_eq!(backend.accepted(), 0, "the backend was dialled");
     });
+    assert!(backend.got().is_empty());
     eprintln!("{} malformed requests refused", table.len());
 }
 
@@ -1122,4 +1120,387 @@ fn malformed_requests_cut_at_every_byte_are_refused_alike() {
     }
     assert_eq!(backend.accepted(), 0, "the backend was dialled");
     eprintln!("every cut refused in {:?}", started.elapsed());
+}
+
+/// Send `request` on `client` (kept alive) and check the backend got it:
+/// 200, and the request as the backend saw it.
+fn served(client: &mut Client, backend: &HttpBackend, request: &[u8], what: &str) -> Got {
+    let before = backend.got().len();
+    client.send(request);
+    let resp = client
+        .try_response(false)
+        .unwrap_or_else(|e| panic!("{what}: no answer: {}", explain(&e)));
+    assert_eq!(resp.status, 200, "{what}: {}", resp.head);
+    assert!(!resp.closes(), "{what}: the connection closes");
+    let got = backend.got();
+    assert_eq!(got.len(), before + 1, "{what}: one request at the backend");
+    got[before].clone()
+}
+
+/// Every limit holds to the byte: at the limit a request is served, one
+/// byte (or field) over it is refused with its status.
+#[test]
+fn limits_hold_to_the_byte() {
+    let backend = echo_line_backend();
+    let mut proxy = strict_proxy(&backend, &["--max-request-body", "1KiB"]);
+    let line_of = |len: usize| {
+        format!(
+            "GET /{} HTTP/1.1\r\nHost: t\r\n\r\n",
+            "l".repeat(len - "GET / HTTP/1.1".len())
+        )
+    };
+    let bare_head = "GET / HTTP/1.1\r\nHost: t\r\nX-Pad: \r\n\r\n".len();
+    let head_of = |len: usize| {
+        format!(
+            "GET / HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
+            "p".repeat(len - bare_head)
+        )
+    };
+    // Host is one of the fields.
+    let fields = |n: usize| {
+        format!(
+            "GET / HTTP/1.1\r\nHost: t\r\n{}\r\n",
+            "F: 1\r\n".repeat(n - 1)
+        )
+    };
+    let chunked = |body: &[u8]| {
+        let mut r = post_with("Transfer-Encoding: chunked\r\n").into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let mut extensions = b"1;".to_vec();
+    extensions.extend(std::iter::repeat_n(b'x', 16 * KIB - 1));
+    extensions.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+    let mut full_body = b"400\r\n".to_vec();
+    full_body.extend(std::iter::repeat_n(b'b', KIB));
+    full_body.extend_from_slice(b"\r\n0\r\n\r\n");
+
+    let mut client = Client::connect(proxy.addr);
+    let g = served(
+        &mut client,
+        &backend,
+        line_of(8192).as_bytes(),
+        "a request line of 8KiB",
+    );
+    assert_eq!(g.line().len(), 8192);
+    let g = served(
+        &mut client,
+        &backend,
+        head_of(32 * KIB).as_bytes(),
+        "a head of --max-header-size",
+    );
+    assert_eq!(
+        g.field("x-pad").map(|p| p.len()),
+        Some(32 * KIB - bare_head)
+    );
+    let g = served(&mut client, &backend, fields(128).as_bytes(), "128 fields");
+    assert_eq!(g.fields("f").len(), 127);
+    let g = served(
+        &mut client,
+        &backend,
+        &chunked(b"000000000000000a\r\n0123456789\r\n0\r\n\r\n"),
+        "a chunk size of 16 hex digits",
+    );
+    assert_eq!(g.body, b"0123456789");
+    let g = served(
+        &mut client,
+        &backend,
+        &chunked(&extensions),
+        "16KiB of chunk extensions",
+    );
+    assert_eq!(g.body, b"a");
+    let g = served(
+        &mut client,
+        &backend,
+        &chunked(&full_body),
+        "a chunked body of --max-request-body",
+    );
+    assert_eq!(g.body.len(), KIB);
+    let g = served(
+        &mut client,
+        &backend,
+        &post("/", &[b'c'; KIB]),
+        "a length of --max-request-body",
+    );
+    assert_eq!(g.body.len(), KIB);
+
+    for (what, request, status) in [
+        ("a request line of 8KiB + 1", line_of(8193), 414),
+        (
+            "a head of --max-header-size + 1",
+            head_of(32 * KIB + 1),
+            431,
+        ),
+        ("129 fields", fields(129), 431),
+    ] {
+        expect_refused(&mut proxy, &backend, request.as_bytes(), status, "-", what);
+    }
+}
+
+/// Floods of tiny fields are refused at once, however much room the head
+/// size limit leaves: 431 for field 129.
+#[test]
+fn a_flood_of_tiny_fields_gets_431() {
+    let backend = echo_line_backend();
+    let mut proxy = strict_proxy(&backend, &["--max-header-size", "1MiB"]);
+    for (what, request) in [
+        ("20000 empty fields", get_with(&"a:\r\n".repeat(20_000))),
+        ("5000 one-byte fields", get_with(&"a: b\r\n".repeat(5_000))),
+        (
+            "200 fields of one name",
+            get_with(&"Cookie: c=1\r\n".repeat(200)),
+        ),
+    ] {
+        let started = Instant::now();
+        expect_refused(&mut proxy, &backend, request.as_bytes(), 431, "-", what);
+        eprintln!("{what}: refused in {:?}", started.elapsed());
+    }
+}
+
+/// A client still uploading when it is refused gets the whole answer and
+/// then EOF, never a reset, and its upload never fails: spillway reads and
+/// drops what keeps coming until the client is done (a lingering close).
+#[test]
+fn a_refused_client_still_sending_gets_the_answer_then_eof() {
+    const UPLOAD: usize = 4 * MIB;
+    let backend = echo_line_backend();
+    let mut proxy = strict_proxy(&backend, &["--max-request-body", "1KiB"]);
+    for (what, head, status) in [
+        (
+            "a declared body over the limit",
+            post_with(&format!("Content-Length: {UPLOAD}\r\n")),
+            413,
+        ),
+        ("a malformed request line", "BAD\r\n\r\n".to_string(), 400),
+        (
+            "a bad chunk size",
+            format!("{}zz\r\n", post_with("Transfer-Encoding: chunked\r\n")),
+            400,
+        ),
+    ] {
+        let mut client = Client::connect(proxy.addr);
+        let addr = client.stream.local_addr().expect("local_addr");
+        let mut upload = client.stream.try_clone().expect("try_clone");
+        let uploader = spawn("uploader", move || -> io::Result<std::net::TcpStream> {
+            upload.write_all(head.as_bytes())?;
+            let junk = vec![b'y'; 64 * KIB];
+            for _ in 0..UPLOAD / junk.len() {
+                upload.write_all(&junk)?;
+            }
+            upload.shutdown(std::net::Shutdown::Write)?;
+            Ok(upload)
+        });
+        let resp = client
+            .try_response(false)
+            .unwrap_or_else(|e| panic!("{what}: no answer: {}", explain(&e)));
+        assert_refusal(&resp, status, what);
+        expect_orderly_close(&mut client, what);
+        // The whole upload went, no write failed: nothing was reset.
+        let upload = uploader
+            .join(SECS_10)
+            .unwrap_or_else(|e| panic!("{what}: the upload failed: {e}"));
+        let closed = close_line(&mut proxy, addr);
+        // (What sat in the head buffer when the refusal came is not
+        // counted as dropped: at most --max-header-size.)
+        assert!(
+            number(&closed, "dropped") + 32 * KIB as u64 >= UPLOAD as u64,
+            "{what}: the upload was not drained: {closed}"
+        );
+        drop(upload);
+    }
+    assert_eq!(backend.accepted(), 0);
+}
+
+/// Nothing a client sends after a refusal, or after a request that ends
+/// the connection, is read as a request: the `GET /smuggled` behind each
+/// never reaches the backend, and the proxy never logs it.
+#[test]
+fn nothing_after_a_refusal_or_a_last_request_is_processed() {
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &["--max-request-body", "1KiB"]);
+    let s = SMUGGLED;
+    let cases: Vec<(&str, String, &[u16])> = vec![
+        (
+            "after a 400 that follows a good request",
+            format!(
+                "GET /1 HTTP/1.1\r\nHost: t\r\n\r\n{}{s}",
+                post_with("Content-Length: 1\r\nTransfer-Encoding: chunked\r\n")
+            ),
+            &[200, 400],
+        ),
+        (
+            "after Connection: close",
+            format!("GET /1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n{s}"),
+            &[200],
+        ),
+        (
+            "after an HTTP/1.0 request",
+            format!("GET /1 HTTP/1.0\r\n\r\n{s}"),
+            &[200],
+        ),
+        (
+            "after a 400 in a chunked body",
+            format!(
+                "{}1\r\nab\r\n0\r\n\r\n{s}",
+                post_with("Transfer-Encoding: chunked\r\n")
+            ),
+            &[400],
+        ),
+        (
+            "after a 413 whose body would hold it",
+            format!("{}{s}", post_with("Content-Length: 2048\r\n")),
+            &[413],
+        ),
+        (
+            "after a 417",
+            format!("{}{s}", get_with("Expect: nope\r\n")),
+            &[417],
+        ),
+        (
+            "after a 405",
+            format!("TRACE / HTTP/1.1\r\nHost: t\r\n\r\n{s}"),
+            &[405],
+        ),
+        (
+            "after a 501",
+            format!("{}0\r\n\r\n{s}", post_with("Transfer-Encoding: gzip\r\n")),
+            &[501],
+        ),
+        ("after a 414", format!("{}{s}", "G".repeat(9000)), &[414]),
+    ];
+    for (what, bytes, statuses) in &cases {
+        let mut client = Client::connect(proxy.addr);
+        client.send(bytes.as_bytes());
+        for (i, status) in statuses.iter().enumerate() {
+            let resp = client
+                .try_response(false)
+                .unwrap_or_else(|e| panic!("{what}: no answer {i}: {}", explain(&e)));
+            assert_eq!(resp.status, *status, "{what}: {}", resp.head);
+            assert_eq!(
+                resp.closes(),
+                i + 1 == statuses.len(),
+                "{what}: {}",
+                resp.head
+            );
+        }
+        expect_orderly_close(&mut client, what);
+    }
+    holds_for(Duration::from_millis(100), || {
+        for g in backend.got() {
+            assert!(!g.line().contains("/smuggled"), "{}", g.head);
+        }
+    });
+    assert!(proxy.lines_containing("/smuggled").is_empty());
+}
+
+/// What reaches a backend is a head spillway wrote: a body's length
+/// counted by us (on a GET too), framing fields never the client's, names
+/// with `_` dropped, X-Forwarded-For appended to (every line of it), our
+/// own X-Real-IP and X-Forwarded-Proto, origin-form for an absolute
+/// target, and exactly one Host.
+#[test]
+fn the_backend_gets_a_head_spillway_wrote() {
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &[]);
+    let mut client = Client::connect(proxy.addr);
+    let mut all = Vec::new();
+    let mut serve = |request: &[u8], what: &str| {
+        let g = served(&mut client, &backend, request, what);
+        assert!(g.line().ends_with(" HTTP/1.1"), "{what}: {}", g.head);
+        assert_eq!(g.fields("host").len(), 1, "{what}: {}", g.head);
+        all.push(g.clone());
+        g
+    };
+    let g = serve(
+        b"GET /g HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc",
+        "a GET with a body",
+    );
+    assert_eq!(
+        (g.line(), g.body.as_slice()),
+        ("GET /g HTTP/1.1", &b"abc"[..])
+    );
+    assert_eq!(g.fields("content-length"), ["3"]);
+    let g = serve(
+        b"POST /z HTTP/1.1\r\nHost: t\r\nContent-Length: 00005\r\n\r\nhello",
+        "leading zeros",
+    );
+    assert_eq!(g.fields("content-length"), ["5"]);
+    let g = serve(
+        b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+        "an empty body",
+    );
+    assert_eq!(g.fields("content-length"), ["0"]);
+    let g = serve(
+        b"POST /c HTTP/1.1\r\nHost: t\r\nConnection: Content-Length, X-Gone\r\nX-Gone: 1\r\n\
+          Content-Length: 4\r\n\r\nbody",
+        "Connection naming Content-Length",
+    );
+    assert_eq!(
+        (g.fields("content-length"), g.body.as_slice()),
+        (vec!["4".to_string()], &b"body"[..])
+    );
+    assert!(
+        g.fields("x-gone").is_empty() && g.fields("connection").is_empty(),
+        "{}",
+        g.head
+    );
+    let g = serve(
+        b"GET /u HTTP/1.1\r\nHost: t\r\nX_Custom: 1\r\nX-Custom: 2\r\nX_Real_IP: 6.6.6.6\r\n\
+          X-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-For: 1.1.1.1\r\n\
+          x-forwarded-for: 2.2.2.2, 3.3.3.3\r\nContent_Length: 9\r\nTransfer_Encoding: chunked\r\n\r\n",
+        "spoofed forwarding fields",
+    );
+    for gone in [
+        "x_custom",
+        "x_real_ip",
+        "content_length",
+        "transfer_encoding",
+        "content-length",
+    ] {
+        assert!(g.fields(gone).is_empty(), "{gone}: {}", g.head);
+    }
+    assert_eq!(g.fields("x-custom"), ["2"]);
+    assert_eq!(g.fields("x-real-ip"), ["127.0.0.1"]);
+    assert_eq!(g.fields("x-forwarded-proto"), ["http"]);
+    assert_eq!(
+        g.fields("x-forwarded-for"),
+        ["1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"]
+    );
+    let g = serve(
+        b"GET http://T:80/abs?x=1 HTTP/1.1\r\nHost: t:80\r\n\r\n",
+        "absolute-form",
+    );
+    assert_eq!(
+        (g.line(), g.fields("host")),
+        ("GET /abs?x=1 HTTP/1.1", vec!["t:80".to_string()])
+    );
+    let g = serve(
+        b"GET https://t?q HTTP/1.1\r\nHost: t\r\n\r\n",
+        "absolute-form, no path",
+    );
+    assert_eq!(g.line(), "GET /?q HTTP/1.1");
+    let g = serve(b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", "OPTIONS *");
+    assert_eq!(g.line(), "OPTIONS * HTTP/1.1");
+    let g = serve(
+        b"\r\nGET /after-crlf HTTP/1.1\r\nHost: t\r\n\r\n",
+        "one empty line first",
+    );
+    assert_eq!(g.line(), "GET /after-crlf HTTP/1.1");
+    let g = serve(
+        b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+        "an IPv6 literal Host",
+    );
+    assert_eq!(g.fields("host"), ["[::1]:8080"]);
+    for g in &all {
+        for hop in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "te",
+            "upgrade",
+            "expect",
+        ] {
+            assert!(g.fields(hop).is_empty(), "{hop}: {}", g.head);
+        }
+    }
 }
