@@ -1504,3 +1504,284 @@ fn the_backend_gets_a_head_spillway_wrote() {
         }
     }
 }
+
+/// A backend's response that is ambiguous or malformed is a 502 for the
+/// client, and the connection it came on is never given another request
+/// (what is left in it could be read as the next response).
+#[test]
+fn ambiguous_responses_are_502_and_their_connection_is_dropped() {
+    let bad: &[(&str, &[u8])] = &[
+        (
+            "/clte",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "/cl-twice",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        ),
+        (
+            "/cl-sign",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+        ),
+        (
+            "/gzip",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+        ),
+        ("/bare-lf", b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok"),
+        (
+            "/fold",
+            b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+        ),
+        (
+            "/nul",
+            b"HTTP/1.1 200 OK\r\nX: a\0b\r\nContent-Length: 2\r\n\r\nok",
+        ),
+        (
+            "/101",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        ),
+    ];
+    let script: Vec<(String, Vec<u8>)> = bad
+        .iter()
+        .map(|(p, r)| (p.to_string(), r.to_vec()))
+        .collect();
+    let backend = HttpBackend::start(move |g| {
+        let path = g.line().split(' ').nth(1).unwrap_or("");
+        match script.iter().find(|(p, _)| p == path) {
+            Some((_, reply)) => Reply::Bytes(reply.clone()),
+            None => Reply::Bytes(ok(format!("conn {}", g.conn).as_bytes())),
+        }
+    });
+    let proxy = strict_proxy(&backend, &[]);
+    for (path, _) in bad {
+        let mut client = Client::connect(proxy.addr);
+        client.send(&get(path));
+        let resp = client.response(false);
+        assert_refusal(&resp, 502, path);
+        expect_orderly_close(&mut client, path);
+        let conn = backend.got().last().map(|g| g.conn).expect("a request");
+        let mut next = Client::connect(proxy.addr);
+        next.send(&get("/ok"));
+        let resp = next.response(false);
+        assert_eq!(resp.status, 200, "after {path}");
+        assert_ne!(
+            resp.body,
+            format!("conn {conn}").as_bytes(),
+            "{path}: its connection was reused"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bugs: each test says what is right; `#[ignore]` until src/ is fixed.
+
+/// A backend that sends more than its response (a second response behind
+/// the first, in the same write) must not have that read as the response
+/// to the next request, which may be another client's: the connection it
+/// came on is not reused. The extra arrives with the body's last byte,
+/// after the proxy has read all the rest, so it is still in the kernel when
+/// the body is complete.
+#[test]
+#[ignore = "bug: a reused backend connection delivers bytes left after the previous response to another client (response queue poisoning)"]
+fn bytes_a_backend_sends_past_its_response_reach_no_other_client() {
+    const BODY: usize = 100 * KIB;
+    let (listener, addr) = listen();
+    let backend = spawn("backend", move || {
+        let read_head = |s: &mut std::net::TcpStream| -> bool {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while find(&head, b"\r\n\r\n").is_none() {
+                match s.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => return false,
+                }
+            }
+            true
+        };
+        let mut first = accept_within(&listener, SECS_10);
+        assert!(read_head(&mut first), "the first request");
+        let mut response =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+        response.extend(std::iter::repeat_n(b'x', BODY - 1));
+        first.write_all(&response).expect("write");
+        wait_until_peer_has_read(&first, SECS_10);
+        first
+            .write_all(b"xHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\npoisoned")
+            .expect("write the rest");
+        // The second request comes on the same connection (the bug) or,
+        // once the proxy has closed it, on a new one.
+        let mut second = if read_head(&mut first) {
+            first
+        } else {
+            let mut s = accept_within(&listener, SECS_10);
+            assert!(read_head(&mut s), "the second request");
+            s
+        };
+        second.write_all(&ok(b"second")).expect("write");
+        let mut rest = Vec::new();
+        let _ = second.read_to_end(&mut rest);
+    });
+    let proxy = Proxy::start(&[
+        "--mode",
+        "http",
+        "--workers",
+        "1",
+        "--backend",
+        &addr.to_string(),
+    ]);
+    let mut alice = Client::connect(proxy.addr);
+    alice.send(b"GET /alice HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert_eq!(alice.response(false).body.len(), BODY);
+    let mut bob = Client::connect(proxy.addr);
+    bob.send(b"GET /bob HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let resp = bob.response(false);
+    assert_eq!(
+        String::from_utf8_lossy(&resp.body),
+        "second",
+        "bob got what the backend sent after alice's response"
+    );
+    drop(proxy);
+    backend.join(SECS_10);
+}
+
+/// Field values with obs-text (bytes 0x80-0xff, which RFC 9110 §5.5 says
+/// to treat as opaque) reach the backend byte for byte, as head.rs says.
+#[test]
+#[ignore = "bug: obs-text in a field value is rewritten as U+FFFD (EF BF BD) on the way to the backend"]
+fn obs_text_in_a_field_value_reaches_the_backend_byte_for_byte() {
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &[]);
+    let mut client = Client::connect(proxy.addr);
+    let g = served(
+        &mut client,
+        &backend,
+        b"GET / HTTP/1.1\r\nHost: t\r\nX-Name: caf\xe9 \xff\r\nX-Forwarded-For: 10.0.0.1\xa0\r\n\r\n",
+        "obs-text",
+    );
+    assert!(
+        find(&g.head_bytes, b"\r\nX-Name: caf\xe9 \xff\r\n").is_some(),
+        "{:?}",
+        String::from_utf8_lossy(&g.head_bytes)
+    );
+    assert!(
+        find(&g.head_bytes, b"\xef\xbf\xbd").is_none(),
+        "U+FFFD reached the backend"
+    );
+}
+
+/// `Connection: Host` must not make the proxy send an HTTP/1.1 request
+/// without Host (RFC 9112 §3.2): refuse it, or keep Host.
+#[test]
+#[ignore = "bug: a Connection header naming Host strips Host, and the backend gets HTTP/1.1 without one"]
+fn a_connection_option_never_strips_host() {
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &[]);
+    for request in [
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: Host\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, host\r\n\r\n",
+    ] {
+        let before = backend.got().len();
+        let mut client = Client::connect(proxy.addr);
+        client.send(request.as_bytes());
+        let resp = client.response(false);
+        match resp.status {
+            400 => assert_eq!(backend.got().len(), before, "refused, yet sent on"),
+            200 => {
+                let got = backend.got();
+                assert_eq!(
+                    got[before].fields("host"),
+                    ["t"],
+                    "{request:?}: {}",
+                    got[before].head
+                );
+            }
+            other => panic!("{request:?}: {other}"),
+        }
+    }
+}
+
+/// An HTTP/1.0 request goes to the backend as HTTP/1.1, so it must carry a
+/// Host (RFC 9112 §3.2; Go's net/http, for one, answers 400 without): the
+/// authority of an absolute target when there is one (§3.2.2), some Host
+/// in any case.
+#[test]
+#[ignore = "bug: an HTTP/1.0 request without Host is forwarded as HTTP/1.1 without Host, even with an absolute target"]
+fn http_1_0_requests_reach_the_backend_with_a_host() {
+    let backend = echo_line_backend();
+    let proxy = strict_proxy(&backend, &[]);
+    for (request, host) in [
+        ("GET http://a.test/x HTTP/1.0\r\n\r\n", Some("a.test")),
+        ("GET /old HTTP/1.0\r\n\r\n", None),
+    ] {
+        let before = backend.got().len();
+        let mut client = Client::connect(proxy.addr);
+        client.send(request.as_bytes());
+        assert_eq!(client.response(false).status, 200, "{request:?}");
+        let g = &backend.got()[before];
+        if g.line().ends_with("HTTP/1.1") {
+            let hosts = g.fields("host");
+            assert_eq!(
+                hosts.len(),
+                1,
+                "{request:?} went on as HTTP/1.1 without Host: {}",
+                g.head
+            );
+            if let Some(host) = host {
+                assert_eq!(hosts[0], host, "{}", g.head);
+            }
+        }
+    }
+}
+
+/// A Host whose name holds a colon is not `uri-host [":" port]` (a reg-name
+/// has no ':', an IPv6 literal needs brackets): 400 (RFC 9112 §3.2), lest
+/// the backend read another host or port out of it.
+#[test]
+#[ignore = "bug: valid_host lets ':' into a reg-name, so Host: a:b:80, a::80 and ::1 are accepted"]
+fn a_host_with_a_colon_in_its_name_is_refused() {
+    let backend = echo_line_backend();
+    let mut proxy = strict_proxy(&backend, &[]);
+    for host in ["a:b:80", "a::80", "::1", "evil.test:80:80"] {
+        expect_refused(
+            &mut proxy,
+            &backend,
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+            400,
+            "-",
+            host,
+        );
+    }
+}
+
+/// A chunk whose size alone takes the body over `--max-request-body` gets
+/// 413 as soon as the size is read, as a `Content-Length` over it does
+/// (and as nginx does): not a connection held until the client has sent
+/// the limit's worth, or until `--client-body-timeout` and a 408.
+#[test]
+#[ignore = "bug: a chunk size over --max-request-body is not refused until that many bytes arrive; a client that stops gets 408, not 413"]
+fn a_chunk_over_the_body_limit_is_refused_when_its_size_is_read() {
+    let backend = echo_line_backend();
+    let mut proxy = strict_proxy(&backend, &["--max-request-body", "1KiB"]);
+    for size in ["401", "FFFFFFFFFFFFFFFF"] {
+        let mut client = Client::connect(proxy.addr);
+        client
+            .stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let addr = client.stream.local_addr().expect("local_addr");
+        client.send(
+            format!(
+                "{}{size}\r\nabc",
+                post_with("Transfer-Encoding: chunked\r\n")
+            )
+            .as_bytes(),
+        );
+        let resp = client
+            .try_response(false)
+            .unwrap_or_else(|e| panic!("chunk size {size}: no 413 within 3s: {}", explain(&e)));
+        assert_refusal(&resp, 413, size);
+        expect_orderly_close(&mut client, size);
+        proxy.wait_for_log(&format!("\"POST / HTTP/1.1\" 413 client={addr} "), SECS_10);
+    }
+    assert_eq!(backend.accepted(), 0);
+}
