@@ -412,74 +412,22 @@ fn refused_vectors() -> Vec<Bad> {
 
 /// Vectors a strict parser reads one way only: each is served, its body is
 /// exactly what that reading says, and the backend gets one request, with a
-/// length we counted, and none named `/smuggled`.
+/// length we counted, and none named `/smuggled`. One row a line.
+#[rustfmt::skip]
 fn served_vectors() -> Vec<(&'static str, String, String)> {
     let s = SMUGGLED;
+    let n = s.len();
     let chunk = smuggled_in_a_chunk();
-    let post =
-        |fields: &str, body: &str| format!("POST / HTTP/1.1\r\nHost: t\r\n{fields}\r\n{body}");
+    let post = |fields: &str, body: &str| format!("POST / HTTP/1.1\r\nHost: t\r\n{fields}\r\n{body}");
     vec![
-        (
-            "a tab before chunked, no length",
-            post("Transfer-Encoding:\tchunked\r\n", &chunk),
-            s.to_string(),
-        ),
-        (
-            "CHUNKED in capitals",
-            post("Transfer-Encoding: CHUNKED\r\n", &chunk),
-            s.to_string(),
-        ),
-        (
-            "spaces after chunked",
-            post("Transfer-Encoding: chunked  \r\n", &chunk),
-            s.to_string(),
-        ),
-        (
-            "Transfer_Encoding, with an underscore, and a length over all",
-            post(
-                &format!(
-                    "Content-Length: {}\r\nTransfer_Encoding: chunked\r\n",
-                    5 + s.len()
-                ),
-                &format!("0\r\n\r\n{s}"),
-            ),
-            format!("0\r\n\r\n{s}"),
-        ),
-        (
-            "Content_Length, with an underscore, on chunks",
-            post(
-                "Content_Length: 0\r\nTransfer-Encoding: chunked\r\n",
-                &chunk,
-            ),
-            s.to_string(),
-        ),
-        (
-            "a GET with a body by Content-Length",
-            format!(
-                "GET / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{s}",
-                s.len()
-            ),
-            s.to_string(),
-        ),
-        (
-            "trailers that name framing fields",
-            post(
-                "Transfer-Encoding: chunked\r\n",
-                &format!(
-                    "{:x}\r\n{s}\r\n0\r\nContent-Length: 0\r\nTransfer-Encoding: x\r\n\r\n",
-                    s.len()
-                ),
-            ),
-            s.to_string(),
-        ),
-        (
-            "a quoted chunk extension holding what looks like a chunk",
-            post(
-                "Transfer-Encoding: chunked\r\n",
-                &format!("{:x};a=\"0;b\"\r\n{s}\r\n0\r\n\r\n", s.len()),
-            ),
-            s.to_string(),
-        ),
+        ("a tab before chunked, no length", post("Transfer-Encoding:\tchunked\r\n", &chunk), s.into()),
+        ("CHUNKED in capitals", post("Transfer-Encoding: CHUNKED\r\n", &chunk), s.into()),
+        ("spaces after chunked", post("Transfer-Encoding: chunked  \r\n", &chunk), s.into()),
+        ("Transfer_Encoding, with an underscore, and a length over all", post(&format!("Content-Length: {}\r\nTransfer_Encoding: chunked\r\n", 5 + n), &format!("0\r\n\r\n{s}")), format!("0\r\n\r\n{s}")),
+        ("Content_Length, with an underscore, on chunks", post("Content_Length: 0\r\nTransfer-Encoding: chunked\r\n", &chunk), s.into()),
+        ("a GET with a body by Content-Length", format!("GET / HTTP/1.1\r\nHost: t\r\nContent-Length: {n}\r\n\r\n{s}"), s.into()),
+        ("trailers that name framing fields", post("Transfer-Encoding: chunked\r\n", &format!("{n:x}\r\n{s}\r\n0\r\nContent-Length: 0\r\nTransfer-Encoding: x\r\n\r\n")), s.into()),
+        ("a quoted chunk extension holding what looks like a chunk", post("Transfer-Encoding: chunked\r\n", &format!("{n:x};a=\"0;b\"\r\n{s}\r\n0\r\n\r\n")), s.into()),
     ]
 }
 
