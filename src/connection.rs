@@ -14,6 +14,7 @@ use mio::{Registry, Token};
 use crate::balancer::Backends;
 use crate::config::Config;
 use crate::http::HttpConnection;
+use crate::metrics::WorkerMetrics;
 use crate::relay::BufferPlan;
 use crate::stats::Stats;
 use crate::tcp::TcpConnection;
@@ -120,6 +121,8 @@ pub struct Ctx<'a> {
     pub stats: &'a Stats,
     /// How directions are made.
     pub plan: &'a BufferPlan,
+    /// This worker's counters.
+    pub metrics: &'a WorkerMetrics,
     /// `--connect-timeout`.
     pub connect_timeout: Duration,
     /// Backends one connection may try: 1 + `--connect-retries`.

@@ -17,6 +17,7 @@ pub mod health;
 pub mod http;
 pub mod io_error;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod relay;
 pub mod shared;

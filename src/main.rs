@@ -160,6 +160,12 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_UPSTREAM_KEEPALIVE)]
     upstream_keepalive: usize,
 
+    /// Serve Prometheus metrics (GET /metrics) and a health check (GET
+    /// /healthz: 200, or 503 while shutting down) here, e.g. 127.0.0.1:9100
+    /// [default: off]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    metrics_listen: Option<SocketAddr>,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -264,6 +270,7 @@ fn serve(cli: Cli) -> ExitCode {
         keepalive_timeout: cli.keepalive_timeout,
         backend_timeout: cli.backend_timeout,
         upstream_keepalive: cli.upstream_keepalive,
+        metrics_listen: cli.metrics_listen,
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {

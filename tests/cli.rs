@@ -234,6 +234,22 @@ fn bad_http_flags_are_refused() {
     );
 }
 
+/// A bad `--metrics-listen` is refused like any bad flag, and so is one
+/// that cannot be bound.
+#[test]
+fn bad_metrics_listen_is_refused() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let in_use = taken.local_addr().unwrap().to_string();
+    assert_each_refused(
+        "--metrics-listen",
+        &[
+            &["--metrics-listen", "9100"],
+            &["--metrics-listen", "localhost"],
+            &["--metrics-listen", &in_use],
+        ],
+    );
+}
+
 #[test]
 fn bad_backend_weight_is_refused() {
     for weight in ["weight=0", "weight=1001", "weight=x", "w=2"] {
@@ -408,6 +424,7 @@ fn help_lists_every_flag() {
         "--keepalive-timeout",
         "--backend-timeout",
         "--upstream-keepalive",
+        "--metrics-listen",
         "--help",
     ] {
         assert!(

@@ -34,9 +34,10 @@ use super::head::{
 use crate::config::show_size;
 use crate::connection::{Ctx, Id, Label, Status, close_stream};
 use crate::io_error::{describe, is_normal_close};
+use crate::metrics::{Outcome, WorkerMetrics};
 use crate::relay::{Culprit, Direction, Flow, News, Peer, Pumped, pump};
 use crate::spill::{Drain, Fill, SpillBuffer};
-use crate::tcp::Tunnel;
+use crate::tcp::{Tunnel, count_news};
 use crate::timers::Timer;
 use crate::upstream::{BackendLeg, Dial, Dialled, Owner};
 
@@ -177,6 +178,8 @@ pub struct HttpConnection {
     dropped: u64,
     /// Bytes taken from each peer, for idleness.
     taken: u64,
+    /// What the counters were told so far: bytes out and spilled, [up, down].
+    reported: [u64; 4],
     /// Bytes sent to backends, all requests together.
     sent_total: u64,
     trouble: Option<String>,
@@ -238,6 +241,7 @@ impl HttpConnection {
             streaming: false,
             dropped: 0,
             taken: 0,
+            reported: [0; 4],
             sent_total: 0,
             trouble: None,
         })
@@ -296,9 +300,10 @@ impl HttpConnection {
         if self.moved() != taken {
             self.last_active = Instant::now();
         }
-        self.tell_news();
+        self.tell_news(ctx);
+        self.report(ctx);
         self.arm_timer(ctx);
-        self.finish_turn(busy)
+        self.finish_turn(busy, ctx)
     }
 
     /// One step of the current phase, then the client's share of `down`.
@@ -837,7 +842,7 @@ impl HttpConnection {
             let buf = self.backend_inbox.peek().unwrap_or(&[]);
             let taken = push_all(&mut self.down, buf);
             self.backend_inbox.consume(taken);
-            self.log_access();
+            self.log_access(ctx.metrics);
             self.exchange = None;
             self.deadline = None;
             self.phase = Phase::Upgraded(leg);
@@ -1061,7 +1066,7 @@ impl HttpConnection {
     /// The response is delivered: log it, and wait for the next request
     /// or close.
     fn finish_request(&mut self, ctx: &mut Ctx) {
-        self.log_access();
+        self.log_access(ctx.metrics);
         self.exchange = None;
         self.requests += 1;
         if self.close_after || ctx.stopping {
@@ -1168,7 +1173,7 @@ impl HttpConnection {
         self.down.answer(&answer::error(reject.status));
         self.close_after = true;
         self.deadline = None;
-        self.log_access();
+        self.log_access(ctx.metrics);
         self.exchange = None;
     }
 
@@ -1184,7 +1189,7 @@ impl HttpConnection {
         if let Some(leg) = take_leg(&mut self.phase) {
             leg.close(true, ctx);
         }
-        self.log_access();
+        self.log_access(ctx.metrics);
         self.exchange = None;
         self.down.abort();
         self.up.abort();
@@ -1213,7 +1218,7 @@ impl HttpConnection {
             _ => {}
         }
         if self.exchange.as_ref().is_some_and(|e| e.status.is_some()) {
-            self.log_access();
+            self.log_access(ctx.metrics);
         }
         self.exchange = None;
         self.up.abort();
@@ -1329,8 +1334,14 @@ impl HttpConnection {
         }
     }
 
-    fn finish_turn(&mut self, busy: bool) -> Status {
+    fn finish_turn(&mut self, busy: bool, ctx: &Ctx) -> Status {
         if self.client.io.is_none() {
+            self.report(ctx);
+            let m = ctx.metrics;
+            m.closed(Outcome::of_reason(
+                self.trouble.as_deref().unwrap_or("done"),
+            ));
+            m.client_time.observe(self.opened.elapsed());
             debug_assert!(
                 !matches!(
                     self.phase,
@@ -1348,20 +1359,24 @@ impl HttpConnection {
     }
 
     /// What the directions have to tell the operator, once each.
-    fn tell_news(&mut self) {
+    fn tell_news(&mut self, ctx: &Ctx) {
         let what = [
             (
                 &mut self.up,
                 "a client request body is buffered to a temporary file",
+                0,
             ),
             (
                 &mut self.down,
                 "an upstream response is buffered to a temporary file",
+                1,
             ),
         ];
-        for (dir, text) in what {
+        for (dir, text, d) in what {
             while let Some(news) = dir.news() {
+                count_news(ctx.metrics, &news, d);
                 match news {
+                    News::SpillLimit => {}
                     News::FirstSpill => log::warn!(
                         "{} {}: {text}: client={} more than memory_buffer={} held; spill file in {} (raise --memory-buffer to keep more in memory)",
                         self.id,
@@ -1390,13 +1405,41 @@ impl HttpConnection {
         }
     }
 
+    /// Add what moved since the last turn to the worker's counters.
+    fn report(&mut self, ctx: &Ctx) {
+        let in_flight = self.exchange.as_ref().map_or(0, |e| e.sent);
+        let now = [
+            self.sent_total + in_flight,
+            self.down.bytes_out(),
+            self.up.buf().spilled_total(),
+            self.down.buf().spilled_total(),
+        ];
+        let m = ctx.metrics;
+        let cells = [&m.bytes[0], &m.bytes[1], &m.spilled[0], &m.spilled[1]];
+        for ((cell, now), before) in cells.into_iter().zip(now).zip(&mut self.reported) {
+            if now > *before {
+                cell.add(now - *before);
+                *before = now;
+            }
+        }
+    }
+
     /// One INFO line per request: what was asked, how it was answered,
     /// bytes each way and spilled, the backend and how long it was held.
-    fn log_access(&mut self) {
+    fn log_access(&mut self, m: &WorkerMetrics) {
         let Some(ex) = &self.exchange else {
             return;
         };
         self.sent_total += ex.sent;
+        if let Some(status) = ex.status {
+            m.http_request(status, ex.started.elapsed());
+        }
+        if ex.backend.is_some() && ex.status.is_some() {
+            m.backend_hold.observe(ex.backend_held);
+        }
+        if self.up.buf().spilled_total() > ex.up_spilled {
+            m.http_bodies_spilled.add(1);
+        }
         let line = ex
             .request
             .as_ref()
@@ -1474,7 +1517,7 @@ impl HttpConnection {
         self.up.abort();
         self.down.abort();
         self.close_client(!gentle);
-        self.finish_turn(false)
+        self.finish_turn(false, ctx)
     }
 
     pub fn idle_for(&self, now: Instant) -> Duration {

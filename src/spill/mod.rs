@@ -82,6 +82,12 @@ pub enum Drain {
     SpillFailed(io::Error),
 }
 
+/// Bytes this thread's buffers hold in memory now: `Vec`s taken from the
+/// pool (whole, as allocated) and bytes in pipes.
+pub fn memory_in_use() -> u64 {
+    (buffer_pool::in_use() + zerocopy::piped()) as u64
+}
+
 /// Whether a buffer's memory is a pipe the kernel splices through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Splice {
