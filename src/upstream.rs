@@ -113,6 +113,18 @@ impl BackendLeg {
             ctx.legs.remove(self.key);
             return held;
         };
+        if !is_clean(&peer) {
+            // Bytes past the response (or its close) are already here, and
+            // their readiness edge was spent reading the response: kept, they
+            // would be read as the next client's response.
+            log::debug!(
+                "backend {} sent more than its response: not reused",
+                self.addr
+            );
+            ctx.legs.remove(self.key);
+            close_stream(peer, true);
+            return held;
+        }
         if let Some(owner) = ctx.legs.get_mut(self.key) {
             *owner = LegOwner::Idle {
                 backend: self.backend,
@@ -279,6 +291,16 @@ impl IdlePool {
     }
 }
 
+/// Nothing is waiting in `stream`: no byte, no EOF, no error. A backend
+/// connection with anything there cannot take another request.
+fn is_clean(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+    match socket2::SockRef::from(stream).peek(&mut byte) {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    }
+}
+
 /// For `spillway_backend_connect_failures_total{cause}`.
 fn failure_kind(e: &io::Error) -> ConnectFailure {
     match e.kind() {
@@ -371,8 +393,12 @@ impl Dial {
             self.number += 1;
             self.last_addr = Some(addr);
             if self.reuse && !picked.trial {
-                if let Some(idle) = ctx.idle.take(picked.idx) {
-                    return Dialled::Connected(reuse(idle, picked, owner, ctx));
+                while let Some(idle) = ctx.idle.take(picked.idx) {
+                    if is_clean(&idle.stream) {
+                        return Dialled::Connected(reuse(idle, picked, owner, ctx));
+                    }
+                    // Closed, or it sent something unasked, since it idled.
+                    idle.close(ctx.legs);
                 }
             }
             match BackendLeg::dial(picked, owner, ctx) {

@@ -553,7 +553,11 @@ impl HttpConnection {
                         d
                     }
                 };
-                if over {
+                let announced = match &self.phase {
+                    Phase::Body(BodyIn::Chunked(d)) => d.announced(),
+                    _ => 0,
+                };
+                if over || announced > limit {
                     let why = "request body over --max-request-body";
                     self.refuse(Reject { status: 413, why }, None, ctx);
                     return true;

@@ -159,10 +159,13 @@ pub struct Request {
     /// a `Content-Length` or the final CRLF (`upstream_head` finishes it
     /// once the body's length and the backend are known).
     request_line: String,
-    head: String,
+    /// The fields, byte for byte as received (obs-text included).
+    head: Vec<u8>,
     /// An HTTP/1.0 request without `Host`: the backend (HTTP/1.1) is sent
-    /// its own address, as nginx sends `$proxy_host`.
+    /// the authority of an absolute target, else its own address (as nginx
+    /// sends `$proxy_host`).
     host_missing: bool,
+    authority: Option<String>,
 }
 
 impl Request {
@@ -177,24 +180,53 @@ impl Request {
     pub fn upstream_head(&self, body_len: u64, close: bool, backend: SocketAddr) -> Vec<u8> {
         let mut head = self.request_line.clone();
         if self.host_missing {
-            let _ = write!(head, "Host: {backend}\r\n");
+            match &self.authority {
+                Some(authority) => {
+                    let _ = write!(head, "Host: {authority}\r\n");
+                }
+                None => {
+                    let _ = write!(head, "Host: {backend}\r\n");
+                }
+            }
         }
-        head.push_str(&self.head);
+        let mut head = head.into_bytes();
+        head.extend_from_slice(&self.head);
+        let mut head = TailWriter(head);
         if self.framing != Framing::None {
             let _ = write!(head, "Content-Length: {body_len}\r\n");
         }
         if let Some(protocol) = &self.upgrade {
             let _ = write!(head, "Upgrade: {protocol}\r\nConnection: upgrade\r\n");
         } else if close {
-            head.push_str("Connection: close\r\n");
+            let _ = head.write_str("Connection: close\r\n");
         }
-        head.push_str("\r\n");
-        head.into_bytes()
+        let _ = head.write_str("\r\n");
+        head.0
     }
 
     /// `GET /path HTTP/1.1`, for logs.
     pub fn line(&self) -> String {
         format!("{} {} HTTP/1.{}", self.method, self.target, self.minor)
+    }
+}
+
+/// A byte buffer that `write!` can append text to.
+struct TailWriter(Vec<u8>);
+
+impl TailWriter {
+    fn push_str(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl std::fmt::Write for TailWriter {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -277,18 +309,20 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
         Some(_) => return reject(417, "an Expect other than 100-continue"),
     };
     let request_line = format!("{method} {target} HTTP/1.1\r\n");
-    let mut head = String::new();
+    let mut head = Vec::new();
     fields.write_forwarded(&mut head);
     let ip = client.ip();
-    match &fields.forwarded_for {
-        Some(before) => {
-            let _ = write!(head, "X-Forwarded-For: {before}, {ip}\r\n");
-        }
-        None => {
-            let _ = write!(head, "X-Forwarded-For: {ip}\r\n");
-        }
+    head.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(before) = &fields.forwarded_for {
+        head.extend_from_slice(before);
+        head.extend_from_slice(b", ");
     }
-    let _ = write!(head, "X-Real-IP: {ip}\r\nX-Forwarded-Proto: http\r\n");
+    let mut head = TailWriter(head);
+    let _ = write!(
+        head,
+        "{ip}\r\nX-Real-IP: {ip}\r\nX-Forwarded-Proto: http\r\n"
+    );
+    let head = head.0;
     Ok(Request {
         method,
         target,
@@ -300,6 +334,7 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
         request_line,
         head,
         host_missing: host.is_none(),
+        authority: authority.map(str::to_string),
     })
 }
 
@@ -356,26 +391,23 @@ fn split_target<'a>(method: &str, target: &'a str) -> Result<(String, Option<&'a
 /// brackets; no spaces, slashes, `@` or anything else that could make two
 /// parsers read two different hosts.
 fn valid_host(host: &str) -> bool {
-    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+    let port_ok =
+        |port: &str| (1..=5).contains(&port.len()) && port.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
         let Some((literal, after)) = rest.split_once(']') else {
             return false;
         };
-        if literal.is_empty()
-            || !literal
+        let literal_ok = !literal.is_empty()
+            && literal
                 .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        {
-            return false;
-        }
-        match after {
-            "" => return true,
-            p => (literal, p.strip_prefix(':').unwrap_or("x")),
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) => (name, port),
-            None => (host, ""),
-        }
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        return literal_ok && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok));
+    }
+    // A reg-name or IPv4 address has no ':' of its own: one ':' at most,
+    // and what follows it is the port.
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
     };
     let name_ok = !name.is_empty()
         && name.bytes().all(|b| {
@@ -397,11 +429,9 @@ fn valid_host(host: &str) -> bool {
                         | b';'
                         | b'='
                         | b'%'
-                        | b':'
                 )
         });
-    let port_ok = port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
-    name_ok && port_ok && (!host.contains(':') || !port.is_empty() || host.starts_with('['))
+    name_ok && port.is_none_or(port_ok)
 }
 
 /// What the header fields of a head say, read in two passes: `Connection`
@@ -420,8 +450,8 @@ struct Fields<'h, 'b> {
     connection_keep_alive: bool,
     /// Field names `Connection` lists (lowercase): hop-by-hop too.
     connection_names: Vec<String>,
-    /// The `X-Forwarded-For` values received, joined.
-    forwarded_for: Option<String>,
+    /// The `X-Forwarded-For` values received, joined, byte for byte.
+    forwarded_for: Option<Vec<u8>>,
     /// Judged as a request (else a response: errors are the backend's).
     request: bool,
 }
@@ -488,11 +518,11 @@ impl<'h, 'b> Fields<'h, 'b> {
                     }
                 }
             } else if name.eq_ignore_ascii_case("x-forwarded-for") && request {
-                let value = String::from_utf8_lossy(h.value);
-                f.forwarded_for = Some(match f.forwarded_for.take() {
-                    Some(before) => format!("{before}, {value}"),
-                    None => value.into_owned(),
-                });
+                let joined = f.forwarded_for.get_or_insert_with(Vec::new);
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b", ");
+                }
+                joined.extend_from_slice(h.value);
             }
         }
         Ok(f)
@@ -532,6 +562,11 @@ impl<'h, 'b> Fields<'h, 'b> {
     /// `X-Forwarded-*` and `X-Real-IP` we set ourselves.
     fn forwarded(&self, name: &str) -> bool {
         let lower = name.to_ascii_lowercase();
+        // Host is never hop-by-hop, whatever `Connection` says: an HTTP/1.1
+        // request without it must be refused by the backend.
+        if lower == "host" {
+            return true;
+        }
         !(HOP_BY_HOP.contains(&lower.as_str())
             || lower == "content-length"
             || name.contains('_')
@@ -545,13 +580,13 @@ impl<'h, 'b> Fields<'h, 'b> {
     }
 
     /// Write each field that is passed on, as received.
-    fn write_forwarded(&self, out: &mut String) {
+    fn write_forwarded(&self, out: &mut Vec<u8>) {
         for h in self.all.iter().filter(|h| self.forwarded(h.name)) {
-            out.push_str(h.name);
-            out.push_str(": ");
-            // obs-text passes through byte for byte in what httparse let by.
-            out.push_str(&String::from_utf8_lossy(h.value));
-            out.push_str("\r\n");
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            // Byte for byte: obs-text (0x80-0xFF) is the sender's business.
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
         }
     }
 }
@@ -599,7 +634,7 @@ pub struct Response {
     /// describes one (HEAD, 304).
     declared_length: Option<u64>,
     reason: String,
-    fields: String,
+    fields: Vec<u8>,
 }
 
 /// What reading a response head gave.
@@ -663,7 +698,7 @@ pub fn parse_response(
         && !f.connection_close
         && framing != Framing::UntilClose
         && !(status == 204 && f.content_length.is_some_and(|n| n > 0));
-    let mut out = String::new();
+    let mut out = Vec::new();
     f.write_forwarded(&mut out);
     let reason = resp.reason.unwrap_or("").to_string();
     Ok(ResponseHead::Final(Response {
@@ -692,8 +727,9 @@ impl Response {
     /// The head for the client: the status line, the fields passed on,
     /// our framing, and whether the connection stays open.
     pub fn client_head(&self, client_minor: u8, keep_alive: bool) -> (Vec<u8>, ClientFraming) {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
-        head.push_str(&self.fields);
+        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason).into_bytes();
+        head.extend_from_slice(&self.fields);
+        let mut head = TailWriter(head);
         if let Some(protocol) = &self.switched_to {
             let _ = write!(head, "Upgrade: {protocol}\r\nConnection: upgrade\r\n\r\n");
             return (head.into_bytes(), ClientFraming::AsSent);
@@ -861,6 +897,12 @@ mod tests {
             ("GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", 200),
             ("GET / HTTP/1.1\r\nHost: example.com:8080\r\n\r\n", 200),
             ("GET / HTTP/1.1\r\nHost: example.com:80x\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a:b:80\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: ::1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a:\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n\r\n", 200),
             ("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 200),
         ];
         for (head, status) in table {
