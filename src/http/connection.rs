@@ -1174,6 +1174,8 @@ impl HttpConnection {
         });
         ex.status = Some(reject.status);
         self.up.abort();
+        // What the client sent that was not parsed yet is dropped with it.
+        self.dropped += self.inbox.discard();
         self.down.answer(&answer::error(reject.status));
         self.close_after = true;
         self.deadline = None;
@@ -1455,7 +1457,14 @@ impl HttpConnection {
             self.client_addr,
             Label(ex.backend),
             ex.sent,
-            self.down.bytes_out() - ex.down_out,
+            // An answer being closed with is counted whole: it is logged
+            // before it is delivered.
+            self.down.bytes_out() - ex.down_out
+                + if matches!(self.phase, Phase::Closing) {
+                    self.down.held()
+                } else {
+                    0
+                },
             self.up.buf().spilled_total() - ex.up_spilled,
             self.down.buf().spilled_total() - ex.down_spilled,
             ex.backend_held.as_secs_f64(),
