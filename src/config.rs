@@ -91,6 +91,11 @@ pub struct Config {
     pub upstream_keepalive: usize,
     /// Serve `/metrics` and `/healthz` here, if set.
     pub metrics_listen: Option<SocketAddr>,
+    /// Start every backend connection with a PROXY protocol header.
+    pub send_proxy: Option<crate::proxy_header::Version>,
+    /// Require a PROXY protocol header at the start of every client
+    /// connection, and take the client's address from it.
+    pub accept_proxy: bool,
 }
 
 /// What a connection carries.
@@ -168,6 +173,8 @@ impl Default for Config {
             backend_timeout: DEFAULT_BACKEND_TIMEOUT,
             upstream_keepalive: DEFAULT_UPSTREAM_KEEPALIVE,
             metrics_listen: None,
+            send_proxy: None,
+            accept_proxy: false,
         }
     }
 }

@@ -193,10 +193,9 @@ impl Worker {
     ) -> Worker {
         let config = &shared.config;
         // Health checks need doing once, not once per worker.
-        let health = config
-            .health_check
-            .filter(|_| index == 0)
-            .map(|every| HealthChecks::new(every, config.backends.len(), FIRST_PROBE));
+        let health = config.health_check.filter(|_| index == 0).map(|every| {
+            HealthChecks::new(every, config.backends.len(), FIRST_PROBE, config.send_proxy)
+        });
         let others = config.backends.len() - 1;
         let max_attempts = 1 + config.connect_retries.map_or(others, |n| n.min(others));
         let scratch = vec![0; (config.memory_buffer as usize).clamp(MIN_SCRATCH, MAX_SCRATCH)];

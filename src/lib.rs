@@ -19,6 +19,7 @@ pub mod io_error;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_header;
 pub mod relay;
 pub mod shared;
 pub mod slab;

@@ -248,6 +248,10 @@ fn bad_metrics_listen_is_refused() {
             &["--metrics-listen", &in_use],
         ],
     );
+    assert_each_refused(
+        "--send-proxy",
+        &[&["--send-proxy", "v3"], &["--send-proxy", "yes"]],
+    );
 }
 
 #[test]
@@ -425,6 +429,8 @@ fn help_lists_every_flag() {
         "--backend-timeout",
         "--upstream-keepalive",
         "--metrics-listen",
+        "--send-proxy",
+        "--accept-proxy",
         "--help",
     ] {
         assert!(
