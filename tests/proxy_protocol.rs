@@ -15,9 +15,12 @@ use common::*;
 
 const SECS_10: Duration = Duration::from_secs(10);
 
-/// A backend that reads `header_len` bytes, then the payload until the
-/// client's EOF, and returns both.
-fn recording_backend() -> (SocketAddr, Bg<(Vec<u8>, Vec<u8>)>) {
+/// What a recording backend got: the PROXY header, then the rest.
+type Recorded = (Vec<u8>, Vec<u8>);
+
+/// A backend that reads everything until the client's EOF, and returns it
+/// split after the PROXY header, if one came.
+fn recording_backend() -> (SocketAddr, Bg<Recorded>) {
     let (listener, addr) = listen();
     let bg = spawn("backend", move || {
         let mut s = accept_within(&listener, SECS_10);
@@ -153,7 +156,7 @@ fn accept_proxy_takes_the_client_from_the_header() {
 #[test]
 fn connections_without_a_valid_header_reach_no_backend() {
     let backend = HttpBackend::named("x");
-    let mut proxy = Proxy::start(&[
+    let proxy = Proxy::start(&[
         "--backend",
         &backend.arg(),
         "--accept-proxy",
