@@ -64,9 +64,9 @@ impl HealthChecks {
         timeout: Duration,
     ) {
         let now = Instant::now();
-        for idx in 0..self.probes.len() {
-            if self.probes[idx].is_some() {
-                continue; // the last one has not answered yet
+        for idx in 0..pool.len() {
+            if self.probes[idx].is_some() || !pool.is_member(idx) {
+                continue; // the last one has not answered yet, or it left
             }
             // A down backend is probed only as its one trial (a client's
             // connection in another worker may have claimed it).

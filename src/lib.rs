@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod proxy_header;
 pub mod relay;
+pub mod resolver;
 pub mod shared;
 pub mod slab;
 pub mod spill;

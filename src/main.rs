@@ -179,6 +179,12 @@ struct Cli {
     #[arg(long)]
     accept_proxy: bool,
 
+    /// Resolve backend names again this often, e.g. 30s: new addresses join
+    /// the pool with the name's weight, vanished ones take no new
+    /// connections [default: off: names are resolved once, at start]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    resolve_every: Option<Duration>,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -286,6 +292,7 @@ fn serve(cli: Cli) -> ExitCode {
         metrics_listen: cli.metrics_listen,
         send_proxy: cli.send_proxy,
         accept_proxy: cli.accept_proxy,
+        resolve_every: cli.resolve_every,
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {

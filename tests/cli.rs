@@ -252,6 +252,10 @@ fn bad_metrics_listen_is_refused() {
         "--send-proxy",
         &[&["--send-proxy", "v3"], &["--send-proxy", "yes"]],
     );
+    assert_each_refused(
+        "--resolve-every",
+        &[&["--resolve-every", "0s"], &["--resolve-every", "often"]],
+    );
 }
 
 #[test]
@@ -431,6 +435,7 @@ fn help_lists_every_flag() {
         "--metrics-listen",
         "--send-proxy",
         "--accept-proxy",
+        "--resolve-every",
         "--help",
     ] {
         assert!(
