@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use spillway::disk::DiskBudget;
+use spillway::budget::Budget;
 use spillway::spill::{Drain, Fill, SpillBuffer};
 
 const MEMORY: usize = 64 * 1024;
@@ -64,7 +64,7 @@ fn memory_mode(c: &mut Criterion) {
         MEMORY,
         1 << 30,
         Arc::<Path>::from(dir.path()),
-        Arc::new(DiskBudget::new(None)),
+        Arc::new(Budget::new(None)),
     );
     let mut src = Source { chunk: MEMORY };
     let mut scratch = vec![0u8; MEMORY];
@@ -87,7 +87,7 @@ fn spill_mode(c: &mut Criterion) {
         MEMORY,
         1 << 30,
         Arc::<Path>::from(dir.path()),
-        Arc::new(DiskBudget::new(None)),
+        Arc::new(Budget::new(None)),
     );
     let mut src = Source { chunk: MEMORY };
     let mut scratch = vec![0u8; MEMORY];

@@ -33,6 +33,17 @@ pub fn take(len: usize) -> Vec<u8> {
     })
 }
 
+/// `take`, past the pool: a fresh buffer, still counted as in use.
+pub fn take_unpooled(len: usize) -> Vec<u8> {
+    IN_USE.set(IN_USE.get() + len);
+    vec![0; len]
+}
+
+/// `give`, past the pool: the buffer goes back to malloc at once.
+pub fn give_unpooled(buffer: Vec<u8>) {
+    IN_USE.set(IN_USE.get().saturating_sub(buffer.len()));
+}
+
 /// Bytes of this thread's buffers in use now (taken, not given back).
 pub fn in_use() -> usize {
     IN_USE.get()

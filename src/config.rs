@@ -63,6 +63,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Disk all spill files together may occupy; `None`: unlimited.
     pub max_disk: Option<u64>,
+    /// Memory all buffers together may hold; `None`: unlimited.
+    pub max_memory: Option<u64>,
     /// Close a connection with no bytes moving either way for this long.
     pub idle_timeout: Duration,
     /// How long in-flight connections may drain after SIGTERM/SIGINT.
@@ -162,6 +164,7 @@ impl Default for Config {
             temp_dir: std::env::temp_dir(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_disk: None,
+            max_memory: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             workers: 1,
@@ -252,6 +255,15 @@ impl Config {
                 "--memory-buffer",
                 format!(
                     "{} is out of range: expected a size from 1KiB to 1GiB, e.g. 64KiB",
+                    self.memory_buffer
+                ),
+            );
+        }
+        if let Some(max) = self.max_memory.filter(|&m| m < self.memory_buffer) {
+            return refuse(
+                "--max-memory",
+                format!(
+                    "{max} is below --memory-buffer ({}): expected at least one buffer's worth, e.g. 256MiB",
                     self.memory_buffer
                 ),
             );

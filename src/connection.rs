@@ -239,10 +239,10 @@ impl Session {
 
     /// Stopped reading for want of disk space: needs a turn when space may
     /// have freed, since no socket event will say so.
-    pub fn waiting_for_disk(&self) -> bool {
+    pub fn waiting_for_space(&self) -> bool {
         match self {
-            Session::Tcp(c) => c.waiting_for_disk(),
-            Session::Http(c) => c.waiting_for_disk(),
+            Session::Tcp(c) => c.waiting_for_space(),
+            Session::Http(c) => c.waiting_for_space(),
         }
     }
 }

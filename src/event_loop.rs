@@ -49,6 +49,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// spill file has given space back meanwhile (the disk may be shared).
 const DISK_RETRY: Duration = Duration::from_millis(250);
 
+/// The same under `--max-memory`, where room is given back by connections
+/// of other workers, whose releases this one sees only when it wakes.
+const MEMORY_RETRY: Duration = Duration::from_millis(20);
+
 /// During a graceful shutdown, how often to look for connections that have
 /// gone quiet, and how long one must have been quiet to be closed.
 const SHUTDOWN_TICK: Duration = Duration::from_millis(100);
@@ -161,9 +165,9 @@ pub struct Worker {
     peak_live: usize,
     health: Option<HealthChecks>,
     /// Connections that stopped reading for want of disk space.
-    disk_waiters: Vec<usize>,
-    disk_releases_seen: u64,
-    disk_retry_at: Option<Instant>,
+    space_waiters: Vec<usize>,
+    space_releases_seen: u64,
+    space_retry_at: Option<Instant>,
     shutting_down: Option<ShuttingDown>,
 }
 
@@ -230,9 +234,9 @@ impl Worker {
             accepting: Accepting::default(),
             peak_live: 0,
             health,
-            disk_waiters: Vec::new(),
-            disk_releases_seen: 0,
-            disk_retry_at: None,
+            space_waiters: Vec::new(),
+            space_releases_seen: 0,
+            space_retry_at: None,
             shutting_down: None,
         }
     }
@@ -272,7 +276,7 @@ impl Worker {
             }
             self.hear_the_others();
             self.fire_timers(&mut lists.touched);
-            self.wake_disk_waiters(&mut lists.touched);
+            self.wake_space_waiters(&mut lists.touched);
             // First come, first driven: sorting by slot instead would serve
             // low slots first in every busy turn and give the high ones the
             // latency tail (docs/performance.md, "What each change bought").
@@ -351,10 +355,14 @@ impl Worker {
                 continue;
             };
             let status = conn.drive(&mut self.env.ctx());
-            if conn.waiting_for_disk() && !self.disk_waiters.contains(&slot) {
-                self.disk_waiters.push(slot);
-                self.disk_retry_at
-                    .get_or_insert(Instant::now() + DISK_RETRY);
+            if conn.waiting_for_space() && !self.space_waiters.contains(&slot) {
+                self.space_waiters.push(slot);
+                let retry = if self.shared().plan.memory_budget.is_limited() {
+                    MEMORY_RETRY
+                } else {
+                    DISK_RETRY
+                };
+                self.space_retry_at.get_or_insert(Instant::now() + retry);
             }
             match status {
                 Status::Waiting => {}
@@ -382,7 +390,9 @@ impl Worker {
 
     /// The earliest moment something is due without an event.
     fn next_deadline(&self) -> Option<Instant> {
-        let disk = self.disk_retry_at.filter(|_| !self.disk_waiters.is_empty());
+        let disk = self
+            .space_retry_at
+            .filter(|_| !self.space_waiters.is_empty());
         let shutdown = self.shutting_down.as_ref().map(|d| d.next_check);
         [
             self.env.timers.next_deadline(),
@@ -450,18 +460,20 @@ impl Worker {
         }
     }
 
-    /// Directions waiting for disk space get a turn when a spill file gave
-    /// space back, or every `DISK_RETRY` (the disk may be freed by others).
-    fn wake_disk_waiters(&mut self, touched: &mut Vec<usize>) {
-        if self.disk_waiters.is_empty() {
+    /// Directions waiting for disk space or memory get a turn when a spill
+    /// file or a buffer gave some back, or every `DISK_RETRY` (the disk may
+    /// be freed by others; `MEMORY_RETRY` under `--max-memory`).
+    fn wake_space_waiters(&mut self, touched: &mut Vec<usize>) {
+        if self.space_waiters.is_empty() {
             return;
         }
-        let releases = self.shared().plan.disk.releases();
-        let due = self.disk_retry_at.is_some_and(|t| Instant::now() >= t);
-        if releases != self.disk_releases_seen || due {
-            self.disk_releases_seen = releases;
-            self.disk_retry_at = None;
-            touched.append(&mut self.disk_waiters);
+        let plan = &self.shared().plan;
+        let releases = plan.disk.releases() + plan.memory_budget.releases();
+        let due = self.space_retry_at.is_some_and(|t| Instant::now() >= t);
+        if releases != self.space_releases_seen || due {
+            self.space_releases_seen = releases;
+            self.space_retry_at = None;
+            touched.append(&mut self.space_waiters);
         }
     }
 

@@ -6,12 +6,12 @@
 //! `spillway demo` drive the proxy in-process through [`Proxy`].
 
 pub mod balancer;
+pub mod budget;
 pub mod buffer_pool;
 pub mod config;
 pub mod connection;
 pub mod demo;
 pub mod demo_http;
-pub mod disk;
 pub mod event_loop;
 pub mod health;
 pub mod http;

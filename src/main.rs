@@ -102,6 +102,12 @@ struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_disk: Option<u64>,
 
+    /// Memory all connections' buffers together may hold (vectors and
+    /// pipes); past it, directions that would take more spill to disk, or
+    /// where they may not, stop reading [default: unlimited]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_memory: Option<u64>,
+
     /// Close a connection when no byte has moved either way for this long
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10m")]
     idle_timeout: Duration,
@@ -277,6 +283,7 @@ fn serve(cli: Cli) -> ExitCode {
         temp_dir: cli.temp_dir.unwrap_or_else(std::env::temp_dir),
         max_connections: cli.max_connections,
         max_disk: cli.max_disk,
+        max_memory: cli.max_memory,
         idle_timeout: cli.idle_timeout,
         shutdown_timeout: cli.shutdown_timeout,
         workers: cli.workers.unwrap_or_else(config::default_workers),

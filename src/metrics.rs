@@ -135,6 +135,7 @@ pub enum Backpressure {
     MaxSpill,
     MaxDisk,
     DiskError,
+    MaxMemory,
 }
 
 /// Why a connect to a backend failed.
@@ -163,7 +164,7 @@ pub struct WorkerMetrics {
     pub spilled: [Cell; 2],
     /// Directions that began to spill: [up, down].
     pub spill_events: [Cell; 2],
-    backpressure: [Cell; 3],
+    backpressure: [Cell; 4],
     pub backend_hold: Histogram,
     pub client_time: Histogram,
     /// Memory buffers and pipes this worker holds now.
@@ -318,8 +319,8 @@ impl Collector for Scrape {
             "direction",
             &events,
         )?;
-        let causes = ["max_spill", "max_disk", "disk_error"];
-        let pressure: Vec<(&str, u64)> = (0..3)
+        let causes = ["max_spill", "max_disk", "disk_error", "max_memory"];
+        let pressure: Vec<(&str, u64)> = (0..4)
             .map(|c| (causes[c], sum(&|m| m.backpressure[c].get())))
             .collect();
         counters(
@@ -347,6 +348,19 @@ impl Collector for Scrape {
             "spillway_disk_limit_bytes",
             "--max-disk (-1: unlimited)",
             disk_limit,
+        )?;
+        let memory_budget = &shared.plan.memory_budget;
+        gauge(
+            &mut enc,
+            "spillway_memory_charged_bytes",
+            "Memory charged to --max-memory now (a whole --memory-buffer per direction holding any)",
+            memory_budget.used() as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "spillway_memory_limit_bytes",
+            "--max-memory (-1: unlimited)",
+            memory_budget.limit().map_or(-1, |l| l as i64),
         )?;
         let holds: Vec<&Histogram> = w.iter().map(|m| &m.backend_hold).collect();
         histogram(

@@ -20,8 +20,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::balancer::{Backends, FailPolicy};
+use crate::budget::Budget;
 use crate::config::{Config, ConfigError, show_size};
-use crate::disk::DiskBudget;
 use crate::event_loop::{ShutdownTally, Worker};
 use crate::io_error::is_out_of_resources;
 use crate::logging;
@@ -150,7 +150,8 @@ impl Proxy {
             memory: config.memory_buffer as usize,
             max_spill: config.max_spill,
             temp_dir: Arc::<Path>::from(config.temp_dir.as_path()),
-            disk: Arc::new(DiskBudget::new(config.max_disk)),
+            disk: Arc::new(Budget::new(config.max_disk)),
+            memory_budget: Arc::new(Budget::new(config.max_memory)),
             spill_after: config.spill_after,
         };
         let lifecycle = Lifecycle::new(wakers, supervisor);
@@ -236,13 +237,14 @@ impl Proxy {
         let config = &self.shared.config;
         let backends: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
         log::info!(
-            "listening on {} mode={} backends={} balance={} workers={} memory_buffer={} max_spill={} max_disk={} max_connections={} temp_dir={} metrics={}",
+            "listening on {} mode={} backends={} balance={} workers={} memory_buffer={} max_memory={} max_spill={} max_disk={} max_connections={} temp_dir={} metrics={}",
             self.local_addr,
             config.mode,
             backends.join(","),
             config.balance,
             config.workers,
             show_size(config.memory_buffer),
+            show_memory_budget(config),
             show_size(config.max_spill),
             config.max_disk.map_or("unlimited".into(), show_size),
             config.max_connections,
@@ -444,4 +446,17 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
+}
+
+/// `--max-memory` for the start-up line: the limit, or that there is none
+/// and the most the other flags let buffers come to, so an operator sees
+/// what an unlimited budget can cost (each connection has two directions).
+fn show_memory_budget(config: &Config) -> String {
+    let worst = (config.max_connections as u64)
+        .saturating_mul(2)
+        .saturating_mul(config.memory_buffer);
+    match config.max_memory {
+        Some(limit) => show_size(limit),
+        None => format!("unlimited(worst_case={})", show_size(worst)),
+    }
 }

@@ -13,7 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::disk::DiskBudget;
+use crate::budget::Budget;
+use crate::config::show_size;
 use crate::spill::{Drain, Fill, SpillBuffer};
 
 /// Rounds (a write and a read each) one `pump` call may make before it
@@ -235,7 +236,9 @@ pub struct BufferPlan {
     pub memory: usize,
     pub max_spill: u64,
     pub temp_dir: Arc<Path>,
-    pub disk: Arc<DiskBudget>,
+    pub disk: Arc<Budget>,
+    /// `--max-memory`: what all directions' memory may come to.
+    pub memory_budget: Arc<Budget>,
     /// `--spill-after`: how long a blocked receiver may take to catch up
     /// before its backlog goes to disk.
     pub spill_after: Duration,
@@ -249,7 +252,8 @@ impl BufferPlan {
             self.max_spill,
             self.temp_dir.clone(),
             self.disk.clone(),
-        );
+        )
+        .with_memory_budget(&self.memory_budget);
         Direction::new(label, buf).with_spill_after(self.spill_after)
     }
 }
@@ -289,6 +293,10 @@ pub enum News {
     /// its memory is full): reading its sender stops until the receiver
     /// takes some. Once per episode.
     SpillLimit,
+    /// `--max-memory` is reached and this direction, holding no memory,
+    /// may not spill: reading its sender stops until others give some
+    /// back. Once per episode.
+    MemoryLimit,
 }
 
 pub struct Direction {
@@ -467,10 +475,9 @@ impl Direction {
 
     /// Put bytes of our own at the tail (a head we wrote, a body we
     /// decoded), memory then disk; what fits now is taken (`Fill::Took`).
+    /// (Not gated on `has_room`: our bytes may take memory `--max-memory`
+    /// would refuse a sender; see `SpillBuffer::push`.)
     pub fn push(&mut self, bytes: &[u8]) -> Fill {
-        if !self.buf.has_room() {
-            return Fill::WouldBlock;
-        }
         let filled = self.buf.push(bytes);
         if let Fill::Took(n) = filled {
             self.bytes_in += n as u64;
@@ -541,7 +548,7 @@ impl Direction {
         // A fresh buffer always has room in memory for a small answer;
         // one that does not fit is cut, never a panic (answers are ours).
         let mut rest = answer;
-        while !rest.is_empty() && self.buf.has_room() {
+        while !rest.is_empty() {
             match self.buf.push(rest) {
                 Fill::Took(n) if n > 0 => rest = &rest[n..],
                 _ => break,
@@ -551,14 +558,34 @@ impl Direction {
         self.flow = Flow::Flushing;
     }
 
-    /// Stopped reading because no disk space could be had: needs another
-    /// turn when space may have freed, since no socket event will say so.
+    /// Stopped reading because no disk space, or under `--max-memory` no
+    /// memory, could be had: needs another turn when some may have freed,
+    /// since no socket event will say so.
     /// `sender_readable`: the sender's remembered readiness.
-    pub fn waiting_for_disk(&self, sender_readable: bool) -> bool {
+    pub fn waiting_for_space(&self, sender_readable: bool) -> bool {
         self.flow == Flow::Open
             && sender_readable
-            && self.buf.needs_disk()
-            && self.buf.disk_blocked().is_some()
+            && (self.buf.needs_disk() && self.buf.disk_blocked().is_some()
+                || self.buf.memory_blocked())
+    }
+
+    /// Why this direction went to disk, and the flag that would keep more
+    /// in memory: the end of its first-spill warning.
+    pub fn spill_cause(&self) -> String {
+        if self.buf.first_spill_for_budget() {
+            let limit = self.buf.memory_budget_limit().unwrap_or(0);
+            format!(
+                "--max-memory={} reached (all buffers together); spill file in {} (raise --max-memory to keep more in memory)",
+                show_size(limit),
+                self.buf.temp_dir().display()
+            )
+        } else {
+            format!(
+                "more than memory_buffer={} held; spill file in {} (raise --memory-buffer to keep more in memory)",
+                show_size(self.buf.memory_limit() as u64),
+                self.buf.temp_dir().display()
+            )
+        }
     }
 
     /// What the operator should hear about this direction now, each
@@ -572,7 +599,11 @@ impl Direction {
         if at_limit != self.at_spill_limit {
             self.at_spill_limit = at_limit;
             if at_limit {
-                return Some(News::SpillLimit);
+                return Some(if self.buf.memory_blocked() {
+                    News::MemoryLimit
+                } else {
+                    News::SpillLimit
+                });
             }
         }
         match (self.buf.disk_blocked(), self.disk_blocked) {
@@ -600,7 +631,9 @@ impl Direction {
     /// the sender's readiness stays remembered, and the turn that sees the
     /// receiver catch up, or the timer at `spill_due`, reads on.
     fn may_spill(&mut self, now: Instant) -> bool {
-        if self.spill_after.is_zero() {
+        // An empty buffer that needs disk got no memory (`--max-memory`):
+        // there is nothing for the receiver to catch up with.
+        if self.spill_after.is_zero() || self.buf.is_empty() {
             return true;
         }
         match self.pause {
@@ -847,7 +880,7 @@ impl<T: Receiver + ?Sized> Receiver for &mut T {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::DiskBudget;
+    use crate::budget::Budget;
 
     /// A receiver that takes at most `window` bytes until it is reopened.
     struct Window {
@@ -938,7 +971,7 @@ mod tests {
             dir,
             Direction::new(
                 "test",
-                SpillBuffer::new(mem, spill, path, Arc::new(DiskBudget::new(None))),
+                SpillBuffer::new(mem, spill, path, Arc::new(Budget::new(None))),
             ),
         )
     }

@@ -51,6 +51,7 @@ pub fn count_news(m: &WorkerMetrics, news: &News, d: usize) {
     match news {
         News::FirstSpill => m.spill_events[d].add(1),
         News::SpillLimit => m.backpressure(Backpressure::MaxSpill),
+        News::MemoryLimit => m.backpressure(Backpressure::MaxMemory),
         News::DiskBlocked { cause, .. } if cause.contains("--max-disk") => {
             m.backpressure(Backpressure::MaxDisk)
         }
@@ -517,9 +518,9 @@ impl TcpConnection {
     }
 
     /// Stopped reading because no disk space could be had.
-    pub fn waiting_for_disk(&self) -> bool {
+    pub fn waiting_for_space(&self) -> bool {
         let (up_ready, down_ready) = self.senders_readable();
-        self.up.waiting_for_disk(up_ready) || self.down.waiting_for_disk(down_ready)
+        self.up.waiting_for_space(up_ready) || self.down.waiting_for_space(down_ready)
     }
 
     fn bytes_moved(&self) -> u64 {
@@ -645,14 +646,13 @@ impl TcpConnection {
             while let Some(news) = dir.news() {
                 count_news(m, &news, d);
                 match news {
-                    News::SpillLimit => {}
+                    News::SpillLimit | News::MemoryLimit => {}
                     News::FirstSpill => log::warn!(
-                        "{} {} spilling to disk: client={} backend={backend} more than memory_buffer={} waiting; spill file in {} (raise --memory-buffer to keep more in memory)",
+                        "{} {} spilling to disk: client={} backend={backend} {}",
                         self.id,
                         dir.label(),
                         self.client_addr,
-                        show_size(dir.buf().memory_limit() as u64),
-                        dir.buf().temp_dir().display()
+                        dir.spill_cause()
                     ),
                     // While a full disk drains, space comes and goes: the
                     // first time is the operator's cue, the rest noise.

@@ -174,6 +174,15 @@ fn bad_limit_flags_are_refused() {
         "--max-disk",
         &[&["--max-disk", "lots"], &["--max-disk", "-1"]],
     );
+    // Less than one buffer could never hold a byte in memory.
+    assert_each_refused(
+        "--max-memory",
+        &[
+            &["--max-memory", "lots"],
+            &["--max-memory", "32KiB"],
+            &["--max-memory", "1MiB", "--memory-buffer", "2MiB"],
+        ],
+    );
     assert_each_refused(
         "--idle-timeout",
         &[&["--idle-timeout", "0s"], &["--idle-timeout", "10"]],
@@ -299,7 +308,12 @@ fn bad_max_spill_is_refused() {
 /// `--max-spill 99999999999999999999999999KiB` started with 16EiB.
 #[test]
 fn sizes_that_do_not_fit_are_refused() {
-    for flag in ["--max-spill", "--max-disk", "--memory-buffer"] {
+    for flag in [
+        "--max-spill",
+        "--max-disk",
+        "--max-memory",
+        "--memory-buffer",
+    ] {
         for value in [
             "99999999999999999999999999KiB",
             "16EiB",
@@ -416,6 +430,7 @@ fn help_lists_every_flag() {
         "--max-spill",
         "--max-connections",
         "--max-disk",
+        "--max-memory",
         "--idle-timeout",
         "--shutdown-timeout",
         "--workers",

@@ -999,6 +999,83 @@ fn max_disk_bounds_all_spill_files_together() {
     eprintln!("peak disk use under --max-disk 1MiB: {peak} bytes ({samples} samples)");
 }
 
+/// Test 9b: --max-memory bounds the buffers of every connection together.
+/// 200 stalled downloads of 8MiB at --memory-buffer 1MiB would hold 200MiB
+/// in memory; under --max-memory 16MiB what does not fit goes to disk.
+/// Once spillway has taken every body (each backend sees its connection
+/// released), the memory it reports (vectors and pipes: pipes are kernel
+/// memory, which RSS does not show) is within the budget and its RSS has
+/// grown by less than the budget plus allocator slack; then every body
+/// arrives exact and no spill file is left.
+#[test]
+fn max_memory_bounds_all_buffers_together() {
+    const CONNS: usize = 200;
+    let data = Arc::new(random_bytes(86, 8 * MIB));
+    let released = Arc::new(AtomicUsize::new(0));
+    let backend = Backend::start("sender until released", {
+        let (data, released) = (data.clone(), released.clone());
+        move |mut s| {
+            if s.write_all(&data).is_ok() {
+                let _ = s.shutdown(Shutdown::Write);
+                // spillway closes a backend once it holds all it sent.
+                if read_until_end(&mut s, &mut Vec::new(), 16).is_ok() {
+                    released.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend.arg(),
+        "--workers",
+        "2",
+        "--memory-buffer",
+        "1MiB",
+        "--max-memory",
+        "16MiB",
+        "--max-connections",
+        "1000",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    proxy.wait_for_log("max_memory=16.0 MiB", SECS_10);
+    let metrics = metrics_addr(&mut proxy);
+    let rss_start = proxy.rss_kib();
+    // Small windows: the kernel cannot quietly hold the bodies instead.
+    let mut clients: Vec<TcpStream> = (0..CONNS)
+        .map(|_| connect_small_window(proxy.addr, 16 * KIB))
+        .collect();
+    wait_until("spillway to take every body", SECS_60, || {
+        released.load(Ordering::SeqCst) == CONNS
+    });
+    let rss_held = proxy.rss_kib();
+    let on_disk: u64 = proxy.spill_files().iter().map(|f| f.disk).sum();
+    let (_, scrape) = metrics_get(metrics, "/metrics");
+    let memory = metric_sample(&scrape, "spillway_memory_bytes") as u64;
+    let charged = metric_sample(&scrape, "spillway_memory_charged_bytes") as u64;
+    eprintln!(
+        "{CONNS} bodies of 8MiB held: {memory} bytes in buffers ({charged} charged); RSS {rss_start} KiB at start, {rss_held} KiB held; {on_disk} bytes on disk"
+    );
+    assert!(
+        memory <= 16 * MIB as u64 && charged <= 16 * MIB as u64,
+        "{memory} bytes in buffers, {charged} charged, under --max-memory 16MiB"
+    );
+    assert!(
+        rss_held < rss_start + 24 * 1024,
+        "RSS grew from {rss_start} KiB to {rss_held} KiB under --max-memory 16MiB"
+    );
+    assert!(
+        on_disk > 400 * MIB as u64,
+        "only {on_disk} bytes on disk: where are the bodies?"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let got = read_to_eof(c, 9 * MIB);
+        assert_bytes_eq(&format!("download {i}"), &got, &data);
+    }
+    expect_closes(&mut proxy, CONNS, SECS_30);
+    proxy.wait_no_spill_files(SECS_10);
+}
+
 // ---------------------------------------------------------------------------
 // Churn: resets, fds, memory
 

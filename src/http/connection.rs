@@ -31,7 +31,6 @@ use super::head::{
     ClientFraming, Found, Framing, HeadScan, Reject, Request, Response, ResponseHead,
     parse_request, parse_response,
 };
-use crate::config::show_size;
 use crate::connection::{Ctx, HeaderRead, Id, Label, Status, close_stream, read_proxy_header};
 use crate::io_error::{describe, is_normal_close};
 use crate::metrics::{Outcome, WorkerMetrics};
@@ -1437,14 +1436,13 @@ impl HttpConnection {
             while let Some(news) = dir.news() {
                 count_news(ctx.metrics, &news, d);
                 match news {
-                    News::SpillLimit => {}
+                    News::SpillLimit | News::MemoryLimit => {}
                     News::FirstSpill => log::warn!(
-                        "{} {}: {text}: client={} more than memory_buffer={} held; spill file in {} (raise --memory-buffer to keep more in memory)",
+                        "{} {}: {text}: client={} {}",
                         self.id,
                         dir.label(),
                         self.client_addr,
-                        show_size(dir.buf().memory_limit() as u64),
-                        dir.buf().temp_dir().display()
+                        dir.spill_cause()
                     ),
                     News::DiskBlocked { cause, first } => log::log!(
                         if first {
@@ -1607,14 +1605,14 @@ impl HttpConnection {
         matches!(self.phase, Phase::Head) && self.held() == 0
     }
 
-    pub fn waiting_for_disk(&self) -> bool {
+    pub fn waiting_for_space(&self) -> bool {
         let backend_readable = match &self.phase {
             Phase::ResponseBody(leg, _) => leg.peer.is_readable(),
             _ => false,
         };
         self.body_blocked
-            || self.up.waiting_for_disk(self.client.is_readable())
-            || self.down.waiting_for_disk(backend_readable)
+            || self.up.waiting_for_space(self.client.is_readable())
+            || self.down.waiting_for_space(backend_readable)
     }
 }
 

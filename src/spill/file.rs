@@ -5,7 +5,7 @@
 //! the memory in front of it; `SpillBuffer` decides when bytes come here.
 //!
 //! Disk space is reserved (`fallocate`, keeping the file size) and charged
-//! to the shared `DiskBudget` *before* bytes are read from the sender, so
+//! to the shared `Budget` *before* bytes are read from the sender, so
 //! that when the disk is full, over quota or `--max-disk` is reached,
 //! nothing has been read that could not be stored. Disk use follows the
 //! backlog: when the file empties it is truncated to zero and both offsets
@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use super::Drain;
 use super::zerocopy::{self, largest_folio};
-use crate::disk::DiskBudget;
+use crate::budget::Budget;
 use crate::io_error::{is_file_read_error, is_unsupported};
 
 /// Most bytes one `sendfile` may hand over. The page cache is not ours to
@@ -60,7 +60,7 @@ pub struct SpillFile {
     /// Cleared when `sendfile` is refused: the head is then read back into
     /// memory before it is written.
     pub(super) can_sendfile: bool,
-    budget: Arc<DiskBudget>,
+    budget: Arc<Budget>,
     /// `--max-spill`: the most bytes waiting here.
     limit: u64,
     temp_dir: Arc<Path>,
@@ -71,7 +71,7 @@ pub struct SpillFile {
 }
 
 impl SpillFile {
-    pub fn new(limit: u64, temp_dir: Arc<Path>, budget: Arc<DiskBudget>) -> SpillFile {
+    pub fn new(limit: u64, temp_dir: Arc<Path>, budget: Arc<Budget>) -> SpillFile {
         SpillFile {
             file: None,
             head: 0,

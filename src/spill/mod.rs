@@ -31,8 +31,8 @@ use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::budget::Budget;
 use crate::buffer_pool;
-use crate::disk::DiskBudget;
 use crate::io_error::is_unsupported;
 
 mod file;
@@ -116,6 +116,14 @@ pub struct SpillBuffer {
     /// The last `fill` was a `read` that got fewer bytes than there was
     /// room for: the sender had nothing more at that moment.
     short_read: bool,
+    /// `--max-memory`, when there is one: while this buffer holds memory
+    /// (a `Vec` allocated, or bytes in its pipe) it is charged `mem_limit`,
+    /// all of it, since that is what it may come to hold without asking.
+    mem_budget: Option<Arc<Budget>>,
+    mem_charged: bool,
+    /// The first bytes to go to disk went because `--max-memory` had no
+    /// room, not because this buffer's memory was full (for the log).
+    first_spill_for_budget: bool,
 }
 
 impl SpillBuffer {
@@ -125,7 +133,7 @@ impl SpillBuffer {
         mem_limit: usize,
         spill_limit: u64,
         temp_dir: Arc<Path>,
-        budget: Arc<DiskBudget>,
+        budget: Arc<Budget>,
     ) -> Self {
         assert!(mem_limit > 0, "the memory part is also the write window");
         SpillBuffer {
@@ -137,7 +145,21 @@ impl SpillBuffer {
             splice: Splice::NotYet,
             file: SpillFile::new(spill_limit, temp_dir, budget),
             short_read: false,
+            mem_budget: None,
+            mem_charged: false,
+            first_spill_for_budget: false,
         }
+    }
+
+    /// Charge this buffer's memory to `budget` (`--max-memory`): when it
+    /// has no room, bytes go to disk as if memory were full, and where
+    /// they may not, the sender waits (`memory_blocked`). An unlimited
+    /// budget is not kept, so it costs nothing.
+    pub fn with_memory_budget(mut self, budget: &Arc<Budget>) -> Self {
+        if budget.is_limited() {
+            self.mem_budget = Some(budget.clone());
+        }
+        self
     }
 
     /// Bytes held, in memory and on disk.
@@ -173,6 +195,11 @@ impl SpillBuffer {
         self.mem_limit
     }
 
+    /// `--max-memory`, if this buffer is charged to one.
+    pub fn memory_budget_limit(&self) -> Option<u64> {
+        self.mem_budget.as_ref().and_then(|b| b.limit())
+    }
+
     pub fn temp_dir(&self) -> &Path {
         self.file.temp_dir()
     }
@@ -184,13 +211,84 @@ impl SpillBuffer {
     }
 
     /// Room for new bytes in memory. Zero while anything is on disk, since
-    /// bytes in memory must stay older than bytes in the file, and while
-    /// the pipe has no free slot.
+    /// bytes in memory must stay older than bytes in the file, while the
+    /// pipe has no free slot, and while this buffer holds no memory and
+    /// `--max-memory` has none to give.
     fn memory_room(&self) -> usize {
+        let budget_full = !self.mem_charged
+            && self
+                .mem_budget
+                .as_ref()
+                .is_some_and(|b| !b.has_room(self.mem_limit as u64));
+        if budget_full {
+            0
+        } else {
+            self.memory_room_unbudgeted()
+        }
+    }
+
+    /// `memory_room`, `--max-memory` aside.
+    fn memory_room_unbudgeted(&self) -> usize {
         if self.file_backlog() > 0 || self.pipe.as_ref().is_some_and(Pipe::is_full) {
             0
         } else {
             self.mem_limit - self.memory_len()
+        }
+    }
+
+    /// Did this buffer first spill because `--max-memory` had no room
+    /// (rather than because its own memory was full)?
+    pub fn first_spill_for_budget(&self) -> bool {
+        self.first_spill_for_budget
+    }
+
+    /// About to put bytes on disk: note why, if they are the first.
+    fn note_spill(&mut self) {
+        if self.spilled_total() == 0 {
+            self.first_spill_for_budget = self.memory_room_unbudgeted() > 0;
+        }
+    }
+
+    /// Is the sender held back by `--max-memory` alone? Then room comes
+    /// from other connections giving memory back, which no event on this
+    /// one's sockets will tell: the owner must look again later.
+    pub fn memory_blocked(&self) -> bool {
+        self.mem_budget.is_some()
+            && !self.mem_charged
+            && self.file_backlog() == 0
+            && !self.has_room()
+    }
+
+    /// Make sure this buffer's memory is charged before bytes go into it:
+    /// false if `--max-memory` has no room for it.
+    fn claim_memory(&mut self) -> bool {
+        match &self.mem_budget {
+            Some(budget) if !self.mem_charged => {
+                self.mem_charged = budget.charge_all(self.mem_limit as u64);
+                self.mem_charged
+            }
+            _ => true,
+        }
+    }
+
+    /// Charge this buffer's memory whatever the budget says: for bytes
+    /// that must be in memory to make progress at all (read back from
+    /// disk to be looked at; our own bytes when disk may not take them).
+    fn force_memory(&mut self) {
+        if let Some(budget) = self.mem_budget.as_ref().filter(|_| !self.mem_charged) {
+            budget.charge_forced(self.mem_limit as u64);
+            self.mem_charged = true;
+        }
+    }
+
+    /// Give the charge back once the buffer holds no memory.
+    fn settle_memory(&mut self) {
+        let holds = !self.mem.is_empty() || self.pipe.as_ref().is_some_and(|p| p.len() > 0);
+        if self.mem_charged && !holds {
+            if let Some(budget) = &self.mem_budget {
+                budget.release(self.mem_limit as u64);
+            }
+            self.mem_charged = false;
         }
     }
 
@@ -237,10 +335,11 @@ impl SpillBuffer {
         debug_assert!(max > 0, "fill of nothing");
         self.short_read = false;
         let room = self.memory_room();
-        if room > 0 {
+        if room > 0 && self.claim_memory() {
             let want = room.min(max);
             if let Some(fd) = fd.filter(|_| self.splice == Splice::Yes && self.mem_len == 0) {
                 if let Some(done) = self.splice_in(fd, want) {
+                    self.settle_memory();
                     self.check_invariants();
                     return done;
                 }
@@ -262,9 +361,21 @@ impl SpillBuffer {
                     self.check_invariants();
                     Fill::Took(n)
                 }
-                other => other,
+                other => {
+                    // Nothing came: an empty buffer keeps no memory
+                    // charged while its sender is quiet.
+                    if self.mem_budget.is_some() && self.mem_len == 0 && self.file_backlog() == 0 {
+                        self.free_mem();
+                    }
+                    other
+                }
             };
         }
+        if self.file.room() == 0 {
+            // `--max-memory` had no room, and disk may not take it.
+            return Fill::Full;
+        }
+        self.note_spill();
         let want = self.file.room().min(scratch.len() as u64).min(max as u64) as usize;
         let want = match self.file.make_room(want) {
             Ok(n) => n,
@@ -294,10 +405,17 @@ impl SpillBuffer {
         if bytes.is_empty() {
             return Fill::Took(0);
         }
-        if !self.has_room() {
-            return Fill::Full;
-        }
-        if self.memory_room() > 0 {
+        // Memory while it has room; disk when the budget has none; memory
+        // all the same when disk may not take them: our bytes are a head
+        // or an answer the exchange cannot go on without, and one buffer
+        // can overdraw `--max-memory` by one `--memory-buffer` at most.
+        let to_memory = self.memory_room_unbudgeted() > 0
+            && (self.claim_memory()
+                || self.file.room() == 0 && {
+                    self.force_memory();
+                    true
+                });
+        if to_memory {
             if let Err(e) = self.pipe_to_memory() {
                 return Fill::SpillFailed(e);
             }
@@ -309,6 +427,10 @@ impl SpillBuffer {
             self.check_invariants();
             return Fill::Took(n);
         }
+        if self.file.room() == 0 {
+            return Fill::Full;
+        }
+        self.note_spill();
         let want = self.file.room().min(bytes.len() as u64) as usize;
         match self.file.make_room(want) {
             Ok(n) => match self.file.append(&bytes[..n]) {
@@ -463,6 +585,7 @@ impl SpillBuffer {
             if let Some(fd) = fd {
                 match pipe.splice_to(fd, whole(pipe.len(), unit)) {
                     Ok(n) => {
+                        self.settle_memory();
                         self.check_invariants();
                         return Drain::Gave(n);
                     }
@@ -517,7 +640,7 @@ impl SpillBuffer {
         if self.mem_len == 0 {
             self.mem_head = 0;
             if self.file_backlog() == 0 {
-                buffer_pool::give(std::mem::take(&mut self.mem));
+                self.free_mem();
             }
         }
     }
@@ -528,8 +651,8 @@ impl SpillBuffer {
         let dropped = self.len();
         self.mem_head = 0;
         self.mem_len = 0;
-        buffer_pool::give(std::mem::take(&mut self.mem));
         self.pipe = None;
+        self.free_mem();
         self.file.close();
         dropped
     }
@@ -541,10 +664,28 @@ impl SpillBuffer {
     }
 
     /// Memory is allocated on first use (an idle connection holds none).
+    /// Under `--max-memory` it bypasses the pool, whose spare buffers
+    /// would be memory the budget does not see.
     fn ensure_mem(&mut self) {
         if self.mem.is_empty() {
-            self.mem = buffer_pool::take(self.mem_limit);
+            self.mem = if self.mem_budget.is_some() {
+                buffer_pool::take_unpooled(self.mem_limit)
+            } else {
+                buffer_pool::take(self.mem_limit)
+            };
         }
+    }
+
+    /// Let the `Vec` go (to the pool, or under `--max-memory` to malloc),
+    /// and with it the charge if the pipe holds nothing either.
+    fn free_mem(&mut self) {
+        let mem = std::mem::take(&mut self.mem);
+        if self.mem_budget.is_some() {
+            buffer_pool::give_unpooled(mem);
+        } else {
+            buffer_pool::give(mem);
+        }
+        self.settle_memory();
     }
 
     /// Make the free memory after the held bytes worth reading into:
@@ -569,6 +710,7 @@ impl SpillBuffer {
     /// Move the oldest bytes of the file into (empty) memory.
     fn take_from_file(&mut self) -> io::Result<()> {
         debug_assert_eq!(self.mem_len, 0);
+        self.force_memory();
         self.ensure_mem();
         let n = self.file.take_head(&mut self.mem)?;
         self.mem_head = 0;
@@ -589,7 +731,8 @@ impl SpillBuffer {
 
 impl Drop for SpillBuffer {
     fn drop(&mut self) {
-        buffer_pool::give(std::mem::take(&mut self.mem));
+        self.pipe = None;
+        self.free_mem();
     }
 }
 
@@ -726,8 +869,8 @@ mod tests {
         }
     }
 
-    fn unlimited() -> Arc<DiskBudget> {
-        Arc::new(DiskBudget::new(None))
+    fn unlimited() -> Arc<Budget> {
+        Arc::new(Budget::new(None))
     }
 
     fn allocated(buf: &SpillBuffer) -> u64 {
@@ -1113,7 +1256,7 @@ mod tests {
     #[test]
     fn a_shared_disk_budget_blocks_then_resumes_and_is_returned() {
         let (_dir, path) = temp_dir();
-        let budget = Arc::new(DiskBudget::new(Some(256 * 1024)));
+        let budget = Arc::new(Budget::new(Some(256 * 1024)));
         let mut a = SpillBuffer::new(1024, 1 << 30, path.clone(), budget.clone());
         let mut b = SpillBuffer::new(1024, 1 << 30, path, budget.clone());
         let data = vec![5u8; 4 << 20];
@@ -1151,6 +1294,153 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(budget.used(), 0, "every charge returned");
+    }
+
+    /// `--max-memory`: a buffer that cannot get memory spills at once, one
+    /// that may not spill waits (`memory_blocked`) until another gives its
+    /// memory back; our own bytes get through all the same; every charge
+    /// is returned.
+    #[test]
+    fn a_memory_budget_spills_or_blocks_and_is_returned() {
+        let (_dir, path) = temp_dir();
+        let memory = Arc::new(Budget::new(Some(1024)));
+        let make = |spill: u64| {
+            SpillBuffer::new(1024, spill, path.clone(), unlimited()).with_memory_budget(&memory)
+        };
+        let (mut a, mut b, mut c) = (make(1 << 20), make(1 << 20), make(0));
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let mut scratch = vec![0u8; 64 * 1024];
+        let (mut src_a, mut src_b) = (&data[..], &data[..]);
+        assert_eq!(a.fill_from(&mut src_a, &mut scratch).took(), 1024);
+        assert_eq!(memory.used(), 1024, "a holds the whole budget");
+        assert_eq!(b.fill_from(&mut src_b, &mut scratch).took(), 4096);
+        assert_eq!(
+            b.file_backlog(),
+            4096,
+            "no memory to be had: straight to disk"
+        );
+        assert!(
+            !c.has_room() && c.memory_blocked(),
+            "c may not spill: it waits"
+        );
+        assert!(matches!(
+            c.push(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            Fill::Took(25)
+        ));
+        assert_eq!(memory.used(), 2048, "our own bytes overdraw by one buffer");
+        let mut out = Vec::new();
+        while let Drain::Gave(_) = c.drain_into(&mut out) {}
+        assert_eq!(out, b"HTTP/1.1 100 Continue\r\n\r\n");
+        assert_eq!(memory.used(), 1024, "c gave its memory back once empty");
+        assert!(c.memory_blocked(), "still none to be had");
+        let mut got_a = Vec::new();
+        while let Drain::Gave(_) = a.drain_into(&mut got_a) {}
+        assert_eq!(got_a, data[..1024]);
+        assert_eq!(memory.used(), 0, "a drained: its charge returned");
+        assert!(c.has_room() && !c.memory_blocked());
+        let mut got_b = Vec::new();
+        while let Drain::Gave(_) = b.drain_into(&mut got_b) {}
+        assert_eq!(got_b, data, "read back from disk whole");
+        drop((a, b, c));
+        assert_eq!(memory.used(), 0, "every charge returned");
+    }
+
+    /// Buffers sharing a budget, filled, pushed into, looked into and
+    /// drained at random: each the same queue as its model, the budget
+    /// charged exactly for the buffers that hold memory, a sender never
+    /// charged past the limit, and nothing charged once all are gone.
+    #[test]
+    fn buffers_sharing_a_memory_budget_match_their_models() {
+        let (_dir, path) = temp_dir();
+        for seed in 1..=30u64 {
+            let mut rng = Rng(seed.wrapping_mul(0xD6E8_FEB8_6659_FD93) | 1);
+            let mem_limit = 1 + rng.below(300) as usize;
+            let limit = mem_limit as u64 * (1 + rng.below(3));
+            let memory = Arc::new(Budget::new(Some(limit)));
+            let mut bufs: Vec<SpillBuffer> = (0..4)
+                .map(|i| {
+                    let spill = if i == 3 { 0 } else { rng.below(4000) };
+                    SpillBuffer::new(mem_limit, spill, path.clone(), unlimited())
+                        .with_memory_budget(&memory)
+                })
+                .collect();
+            let mut models: Vec<VecDeque<u8>> = vec![VecDeque::new(); 4];
+            let mut next = [0u64; 4];
+            let mut scratch = vec![0u8; 1 + rng.below(500) as usize];
+            for _ in 0..4000 {
+                let i = rng.below(4) as usize;
+                let (buf, model) = (&mut bufs[i], &mut models[i]);
+                match rng.below(5) {
+                    0 | 1 if buf.has_room() => {
+                        let was_charged = buf.mem_charged;
+                        let mut op_rng = Rng(rng.next() | 1);
+                        let mut src = Sender {
+                            rng: &mut op_rng,
+                            next_byte: next[i],
+                            sent: model,
+                        };
+                        match buf.fill_from(&mut src, &mut scratch) {
+                            Fill::Took(_) | Fill::WouldBlock | Fill::Full => {}
+                            other => panic!("seed {seed}: unexpected {other:?}"),
+                        }
+                        next[i] = src.next_byte;
+                        if !was_charged && buf.mem_charged {
+                            assert!(memory.used() <= limit, "seed {seed}: a sender overdrew");
+                        }
+                    }
+                    2 => {
+                        let n = 1 + rng.below(40) as usize;
+                        let bytes: Vec<u8> = (0..n as u64).map(|k| (next[i] + k) as u8).collect();
+                        if let Fill::Took(k) = buf.push(&bytes) {
+                            model.extend(&bytes[..k]);
+                            next[i] += k as u64;
+                        }
+                    }
+                    3 => {
+                        let shown = buf.peek().unwrap().to_vec();
+                        let k = rng.below(shown.len() as u64 + 1) as usize;
+                        for byte in &shown[..k] {
+                            assert_eq!(Some(*byte), model.pop_front(), "seed {seed}: peek");
+                        }
+                        buf.consume(k);
+                    }
+                    _ => {
+                        let mut op_rng = Rng(rng.next() | 1);
+                        let mut dst = Receiver {
+                            rng: &mut op_rng,
+                            got: Vec::new(),
+                        };
+                        match buf.drain_into(&mut dst) {
+                            Drain::Gave(_) | Drain::WouldBlock | Drain::Empty => {}
+                            other => panic!("seed {seed}: unexpected {other:?}"),
+                        }
+                        for byte in &dst.got {
+                            assert_eq!(Some(*byte), model.pop_front(), "seed {seed}: drain");
+                        }
+                    }
+                }
+                assert_eq!(buf.len(), model.len() as u64, "seed {seed}: length");
+                let charged: u64 = bufs
+                    .iter()
+                    .map(|b| {
+                        let holds =
+                            !b.mem.is_empty() || b.pipe.as_ref().is_some_and(|p| p.len() > 0);
+                        assert_eq!(
+                            b.mem_charged, holds,
+                            "seed {seed}: charged iff holding memory"
+                        );
+                        if b.mem_charged { mem_limit as u64 } else { 0 }
+                    })
+                    .sum();
+                assert_eq!(
+                    memory.used(),
+                    charged,
+                    "seed {seed}: budget and buffers agree"
+                );
+            }
+            drop(bufs);
+            assert_eq!(memory.used(), 0, "seed {seed}: every charge returned");
+        }
     }
 
     #[test]

@@ -999,3 +999,40 @@ pub fn read_to_eof_paced(
         thread::sleep(every);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+/// The address `--metrics-listen` bound, from the start-up line.
+pub fn metrics_addr(proxy: &mut Proxy) -> SocketAddr {
+    let line = proxy.wait_for_log(" metrics=", Duration::from_secs(10));
+    let addr = line.rsplit_once(" metrics=").unwrap().1.trim();
+    addr.parse()
+        .unwrap_or_else(|_| panic!("no metrics address in {line}"))
+}
+
+/// GET `path`: (status, body).
+/// A plain GET on the metrics listener: status and body.
+pub fn metrics_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: m\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` (exactly as written) in `text`.
+pub fn metric_sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}

@@ -1,14 +1,18 @@
-//! The disk space all spill files together may occupy (`--max-disk`).
+//! A shared budget of bytes, two of them: the disk all spill files
+//! together may occupy (`--max-disk`), and the memory all buffers together
+//! may hold (`--max-memory`).
 //!
 //! Every spill file charges the blocks it holds (written or reserved, and
-//! not yet given back) to one shared budget, so the limit is on what `df`
-//! would see, not on bytes ever written. Atomics, so it can be shared by
-//! every connection, and later by every worker thread.
+//! not yet given back), so the disk limit is on what `df` would see, not
+//! on bytes ever written; every memory buffer charges its size while it is
+//! allocated, and every pipe its memory while it holds bytes. Atomics,
+//! shared by every connection of every worker. An unlimited budget is
+//! never touched on the way (`is_limited`), so it costs nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug)]
-pub struct DiskBudget {
+pub struct Budget {
     limit: u64,
     used: AtomicU64,
     /// Bumped whenever space is given back: waiters compare it to know
@@ -16,10 +20,10 @@ pub struct DiskBudget {
     releases: AtomicU64,
 }
 
-impl DiskBudget {
+impl Budget {
     /// `None`: no limit (the accounting still runs, for the logs).
-    pub fn new(limit: Option<u64>) -> DiskBudget {
-        DiskBudget {
+    pub fn new(limit: Option<u64>) -> Budget {
+        Budget {
             limit: limit.unwrap_or(u64::MAX),
             used: AtomicU64::new(0),
             releases: AtomicU64::new(0),
@@ -63,6 +67,34 @@ impl DiskBudget {
         debug_assert!(before >= bytes, "refunded more disk than was charged");
     }
 
+    /// Is there a limit at all? An unlimited budget needs no accounting.
+    pub fn is_limited(&self) -> bool {
+        self.limit != u64::MAX
+    }
+
+    /// The limit, if there is one.
+    pub fn limit(&self) -> Option<u64> {
+        self.is_limited().then_some(self.limit)
+    }
+
+    /// Could `bytes` be charged now? (A hint: another thread may take them
+    /// first; `charge_all` decides.)
+    pub fn has_room(&self, bytes: u64) -> bool {
+        !self.is_limited() || self.used().saturating_add(bytes) <= self.limit
+    }
+
+    /// Charge exactly `bytes`, or nothing: true if charged.
+    pub fn charge_all(&self, bytes: u64) -> bool {
+        bytes == 0 || self.charge_up_to(bytes, bytes) == bytes
+    }
+
+    /// Charge `bytes` whatever the limit: for memory that must be had to
+    /// make progress at all (see `SpillBuffer::push`), never for bytes a
+    /// sender offers.
+    pub fn charge_forced(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
     /// Bytes charged now.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
@@ -80,7 +112,7 @@ mod tests {
 
     #[test]
     fn grants_whole_units_up_to_the_limit() {
-        let b = DiskBudget::new(Some(10_000));
+        let b = Budget::new(Some(10_000));
         assert_eq!(b.charge_up_to(4096, 4096), 4096);
         assert_eq!(
             b.charge_up_to(8192, 4096),
@@ -101,7 +133,7 @@ mod tests {
 
     #[test]
     fn unlimited_still_counts() {
-        let b = DiskBudget::new(None);
+        let b = Budget::new(None);
         assert_eq!(b.charge_up_to(1 << 40, 4096), 1 << 40);
         assert_eq!(b.used(), 1 << 40);
     }
