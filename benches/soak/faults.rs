@@ -1,0 +1,243 @@
+//! Faults injected while the load runs, on a schedule drawn from the seed:
+//! log rotation with SIGHUP, the flapper going down and up, an outage of
+//! every backend at once, and the spill tmpfs filled to the brim by a
+//! ballast file. (--max-disk and --max-connections are hit by the load
+//! itself; SIGTERM comes at the end.)
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::World;
+use crate::backend::Backends;
+use crate::plan::Rng;
+
+/// A tmpfs mounted for the run, unmounted on drop.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(size: u64) -> Result<Tmpfs, String> {
+        let dir = std::env::temp_dir().join(format!("spillway-soak-tmpfs-{}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let dir = fs::canonicalize(&dir).map_err(|e| format!("canonicalize: {e}"))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+            .arg("tmpfs")
+            .arg(&dir)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => Ok(Tmpfs { dir }),
+            Ok(out) => {
+                let _ = fs::remove_dir(&dir);
+                Err(format!(
+                    "mount -t tmpfs failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                Err(format!("cannot run mount: {e}"))
+            }
+        }
+    }
+
+    /// Bytes in use, as df sees them.
+    pub fn used(&self) -> u64 {
+        statvfs(&self.dir).map_or(u64::MAX, |(total, free)| total - free)
+    }
+
+    /// Bytes free.
+    pub fn free(&self) -> u64 {
+        statvfs(&self.dir).map_or(0, |(_, free)| free)
+    }
+
+    fn ballast_path(&self) -> PathBuf {
+        self.dir.join("ballast")
+    }
+
+    /// Take all but `leave` bytes of what is free, so that the proxy's next
+    /// reservations fail with ENOSPC.
+    pub fn fill(&self, leave: u64) -> std::io::Result<File> {
+        let file = File::create(self.ballast_path())?;
+        let take = self.free().saturating_sub(leave);
+        if take > 0 {
+            // SAFETY: fallocate on an fd we own; lengths are plain integers.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, take as libc::off_t) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                // The proxy took some meanwhile: what we got is enough.
+                if e.raw_os_error() != Some(libc::ENOSPC) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(file)
+    }
+
+    pub fn empty(&self, ballast: File) {
+        drop(ballast);
+        let _ = fs::remove_file(self.ballast_path());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.ballast_path());
+        unmount(&self.dir);
+    }
+}
+
+/// Unmount `dir` (lazily if it is busy) and remove it.
+pub fn unmount(dir: &Path) {
+    let done = Command::new("umount")
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !done {
+        let _ = Command::new("umount").arg("-l").arg(dir).status();
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// (total, free) bytes of the file system holding `dir`.
+fn statvfs(dir: &Path) -> Option<(u64, u64)> {
+    let path = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then(|| {
+        let unit = st.f_frsize as u64;
+        (st.f_blocks as u64 * unit, st.f_bfree as u64 * unit)
+    })
+}
+
+/// How many of each fault were injected.
+#[derive(Default, Debug)]
+pub struct Injected {
+    pub sighup: AtomicU64,
+    pub flaps: AtomicU64,
+    pub outages: AtomicU64,
+    pub disk_full: AtomicU64,
+}
+
+pub struct Faults<'a> {
+    pub world: &'a Arc<World>,
+    pub backends: &'a Backends,
+    pub disk: Option<&'a Tmpfs>,
+    pub log_path: PathBuf,
+    pub pid: u32,
+    pub injected: &'a Injected,
+    pub stop: &'a AtomicBool,
+}
+
+impl Faults<'_> {
+    /// Inject faults until `stop`, then leave everything as it was: every
+    /// backend up, the ballast gone.
+    pub fn run(&self, seed: u64) {
+        let mut rng = Rng::new(seed ^ 0xfa17_5eed);
+        let start = Instant::now();
+        let mut next_sighup = start + rng.millis(3_000, 8_000);
+        let mut flapper_up = true;
+        let mut next_flap = start + rng.millis(2_000, 5_000);
+        let mut next_outage = start + rng.millis(15_000, 30_000);
+        let mut next_fill = start + rng.millis(5_000, 12_000);
+        let mut ballast: Option<(File, Instant)> = None;
+        let flapper = self.backends.flapper();
+        while !self.stop.load(Ordering::Relaxed) && !self.world.abort.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= next_sighup {
+                self.rotate();
+                next_sighup = Instant::now() + rng.millis(4_000, 9_000);
+            }
+            if now >= next_flap {
+                flapper_up = !flapper_up;
+                flapper.up.store(flapper_up, Ordering::Relaxed);
+                if !flapper_up {
+                    self.injected.flaps.fetch_add(1, Ordering::Relaxed);
+                }
+                next_flap = now
+                    + if flapper_up {
+                        rng.millis(2_000, 5_000)
+                    } else {
+                        rng.millis(500, 2_000)
+                    };
+            }
+            if now >= next_outage {
+                // Every backend down at once, briefly: clients that arrive
+                // now find none, and the proxy takes them all out, then
+                // tries them again.
+                self.injected.outages.fetch_add(1, Ordering::Relaxed);
+                self.backends.set_all_up(false);
+                thread::sleep(rng.millis(300, 1_000));
+                self.backends.set_all_up(true);
+                flapper.up.store(flapper_up, Ordering::Relaxed);
+                next_outage = Instant::now() + rng.millis(20_000, 40_000);
+            }
+            if let Some(disk) = self.disk {
+                match ballast.take() {
+                    Some((file, until)) if now >= until => {
+                        disk.empty(file);
+                        next_fill = now + rng.millis(6_000, 15_000);
+                    }
+                    Some(held) => ballast = Some(held),
+                    None if now >= next_fill => match disk.fill(64 * 1024) {
+                        Ok(file) => {
+                            self.injected.disk_full.fetch_add(1, Ordering::Relaxed);
+                            ballast = Some((file, now + rng.millis(1_500, 4_000)));
+                        }
+                        Err(e) => {
+                            self.world
+                                .books
+                                .note(format!("soak: cannot fill the tmpfs: {e}"));
+                            next_fill = now + Duration::from_secs(3600);
+                        }
+                    },
+                    None => {}
+                }
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        if let (Some(disk), Some((file, _))) = (self.disk, ballast) {
+            disk.empty(file);
+        }
+        self.backends.set_all_up(true);
+    }
+
+    /// logrotate: rename the file, SIGHUP, and wait until the proxy says in
+    /// the fresh file that it reopened.
+    pub fn rotate(&self) {
+        let n = self.injected.sighup.load(Ordering::Relaxed) + 1;
+        let rotated = self.log_path.with_extension(format!("{n}"));
+        if let Err(e) = fs::rename(&self.log_path, &rotated) {
+            self.world
+                .books
+                .note(format!("soak: cannot rotate the log: {e}"));
+            return;
+        }
+        self.injected.sighup.store(n, Ordering::Relaxed);
+        // SAFETY: kill only takes integers; the proxy is our child and not
+        // reaped while the faults run, so the pid is still its.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.world.sighups_seen.load(Ordering::Relaxed) < n {
+            if Instant::now() >= deadline || self.world.abort.load(Ordering::Relaxed) {
+                self.world.books.note(format!(
+                    "SIGHUP {n}: no \"log file reopened\" in a fresh log file within 10s"
+                ));
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
