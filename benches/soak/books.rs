@@ -487,9 +487,13 @@ fn check(
         (None, Some(i)) if !no_backend && kinds[i].1 != Kind::Refuser => unrecorded[i] += 1,
         _ => {}
     }
+    // A close line names the backend used, or the one being tried when
+    // the client left: a refuser may be named, but can have relayed nothing.
     if let Some(i) = named {
-        if kinds[i].1 == Kind::Refuser && !no_backend {
-            bad.push(ctx("served by a backend that refuses every connect".into()));
+        if kinds[i].1 == Kind::Refuser && (l.up_bytes > 0 || l.down_bytes > 0) {
+            bad.push(ctx(
+                "bytes relayed through a backend that refuses every connect".into(),
+            ));
         }
     }
     if let (Some(kind), Some(i)) = (c.kind, named) {

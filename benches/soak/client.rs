@@ -76,15 +76,25 @@ pub fn run(world: &World, plan: &Plan) -> ClientRecord {
         last_sent_at: None,
         elapsed: Duration::ZERO,
     };
-    let mut stream = match net::connect_from(plan.id, world.proxy(), plan.rcvbuf) {
+    let (local, connected) = net::connect_from(plan.id, world.proxy(), plan.rcvbuf);
+    let mut stream = match connected {
         Ok(s) => s,
+        // Accepted, then reset before connect() returned: a connection
+        // the proxy ended at once (no backend to be had), to be booked
+        // against its close line like any other.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            record.local = Some(local);
+            record.read_end = ReadEnd::Failed(format!("reset during connect: {e}"));
+            record.elapsed = started.elapsed();
+            return record;
+        }
         Err(e) => {
             record.connect_error = Some(e.to_string());
             record.elapsed = started.elapsed();
             return record;
         }
     };
-    record.local = stream.local_addr().ok();
+    record.local = Some(local);
     let outcome = drive(world, plan, &mut stream, &mut record, started);
     match outcome {
         Outcome::Done => {
@@ -125,7 +135,7 @@ fn drive(
     let mut check = DownCheck::new(plan.id);
     let mut buf = vec![0u8; plan.read_chunk.max(1)];
     let wpace = Pace::new(plan.write_rate);
-    let rpace = Pace::new(plan.read_rate);
+    let rpace = Pace::for_a_while(plan.read_rate, plan.slow_for);
     let mut read_end: Option<ReadEnd> = None;
     loop {
         if world.abort.load(Ordering::Relaxed) {

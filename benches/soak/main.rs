@@ -83,7 +83,7 @@ fn proxy_flags(workers: u32) -> Vec<String> {
         "--max-spill",
         "4MiB",
         "--max-disk",
-        "12MiB",
+        "8MiB",
         "--max-connections",
         &MAX_CONNECTIONS.to_string(),
         "--idle-timeout",

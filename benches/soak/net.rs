@@ -158,38 +158,74 @@ pub fn client_id(addr: SocketAddr) -> Option<u64> {
 
 /// Connect to `to` from client `id`'s address, with SO_RCVBUF fixed
 /// before the handshake if asked (the window is then small from the first
-/// byte, as on a real slow path).
-pub fn connect_from(id: u64, to: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
+/// byte, as on a real slow path). The error comes with the address bound:
+/// a proxy that accepts and resets at once (no backend to be had) can make
+/// `connect` itself report the reset, and the close line still names it.
+pub fn connect_from(
+    id: u64,
+    to: SocketAddr,
+    rcvbuf: Option<usize>,
+) -> (SocketAddr, io::Result<TcpStream>) {
     use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    if let Some(size) = rcvbuf {
-        socket.set_recv_buffer_size(size)?;
-    }
-    socket.bind(&SocketAddr::V4(SocketAddrV4::new(client_ip(id), 0)).into())?;
-    socket.connect_timeout(&to.into(), Duration::from_secs(10))?;
-    let stream: TcpStream = socket.into();
-    stream.set_nonblocking(true)?;
-    Ok(stream)
+    let local = SocketAddr::V4(SocketAddrV4::new(client_ip(id), 0));
+    let socket = match Socket::new(Domain::IPV4, Type::STREAM, None) {
+        Ok(s) => s,
+        Err(e) => return (local, Err(e)),
+    };
+    let connected = (|| {
+        if let Some(size) = rcvbuf {
+            socket.set_recv_buffer_size(size)?;
+        }
+        socket.bind(&local.into())?;
+        Ok::<_, io::Error>(())
+    })();
+    let local = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(local);
+    let connected = connected
+        .and_then(|()| socket.connect_timeout(&to.into(), Duration::from_secs(10)))
+        .and_then(|()| {
+            let stream: TcpStream = socket.into();
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        });
+    (local, connected)
 }
 
-/// A byte rate as a budget: how many bytes may have moved by now.
+/// A byte rate as a budget: how many bytes may have moved by now. With
+/// `until`, the rate holds for that long and then no more (a reader that
+/// is slow for a while, then drains what the proxy kept for it).
 #[derive(Clone, Copy)]
 pub struct Pace {
     rate: Option<u64>,
+    until: Option<Duration>,
     start: Instant,
 }
 
 impl Pace {
     pub fn new(rate: Option<u64>) -> Pace {
+        Pace::for_a_while(rate, None)
+    }
+
+    pub fn for_a_while(rate: Option<u64>, until: Option<Duration>) -> Pace {
         Pace {
             rate,
+            until,
             start: Instant::now(),
         }
     }
 
+    /// The rate now, `None` once it no longer holds.
+    fn rate(&self) -> Option<u64> {
+        self.rate
+            .filter(|_| self.until.is_none_or(|u| self.start.elapsed() < u))
+    }
+
     /// How many more bytes may move now, `done` having moved.
     pub fn allowance(&self, done: u64) -> u64 {
-        match self.rate {
+        match self.rate() {
             None => u64::MAX,
             Some(rate) => {
                 let due = self.start.elapsed().as_secs_f64() * rate as f64;
@@ -200,10 +236,11 @@ impl Pace {
 
     /// How long until `want` more bytes may move.
     pub fn wait_for(&self, done: u64, want: u64) -> Duration {
-        match self.rate {
+        match self.rate() {
             None => Duration::ZERO,
             Some(rate) => {
                 let at = Duration::from_secs_f64((done + want) as f64 / rate as f64);
+                let at = self.until.map_or(at, |u| at.min(u));
                 at.saturating_sub(self.start.elapsed())
             }
         }
@@ -212,7 +249,7 @@ impl Pace {
     /// The piece to move next: at most `chunk`, and at a slow pace small
     /// enough that the budget allows it every tenth of a second or so.
     pub fn piece(&self, chunk: usize) -> usize {
-        match self.rate {
+        match self.rate() {
             None => chunk,
             Some(rate) => chunk.min((rate / 10).max(1) as usize),
         }

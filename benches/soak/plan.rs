@@ -91,6 +91,10 @@ pub struct Plan {
     /// Bytes per second; `None` is as fast as it goes.
     pub write_rate: Option<u64>,
     pub read_rate: Option<u64>,
+    /// How long a slow reader keeps its pace before it reads as fast as it
+    /// can (`None`: throughout). Such a reader may get a big response: the
+    /// proxy spills what it cannot take meanwhile.
+    pub slow_for: Option<Duration>,
     /// SO_RCVBUF of a slow reader, so that its kernel cannot quietly absorb
     /// what it has not read.
     pub rcvbuf: Option<usize>,
@@ -117,6 +121,9 @@ impl Plan {
         let mut rng = Rng::new(splitmix(&mut state));
         let write_rate = rng.percent(25).then(|| rng.log_range(KIB, 256 * KIB));
         let read_rate = rng.percent(30).then(|| rng.log_range(KIB, 256 * KIB));
+        let slow_for = read_rate
+            .filter(|_| rng.percent(50))
+            .map(|_| rng.millis(1_000, 5_000));
         let mut upload = match rng.below(100) {
             0..35 => 0,
             35..65 => rng.range(1, 4 * KIB),
@@ -125,11 +132,16 @@ impl Plan {
         };
         let mut response = match rng.below(1000) {
             0..80 => 0,
-            80..430 => rng.range(1, 4 * KIB),
-            430..830 => rng.log_range(4 * KIB, MIB),
-            830..980 => rng.log_range(MIB, 16 * MIB),
+            80..450 => rng.range(1, 4 * KIB),
+            450..925 => rng.log_range(4 * KIB, MIB),
+            925..993 => rng.log_range(MIB, 16 * MIB),
             _ => rng.log_range(16 * MIB, 64 * MIB),
         };
+        // A reader that is slow for a while, then fast: often a big
+        // response, most of which the proxy must keep on disk meanwhile.
+        if slow_for.is_some() && rng.percent(30) {
+            response = response.max(rng.log_range(4 * MIB, 32 * MIB));
+        }
         // The kind of cut first: whether it vanishes decides whether its
         // response is capped by its reading pace.
         let cut_kind = rng.below(100);
@@ -137,7 +149,7 @@ impl Plan {
             upload = upload.min(rate * UP_SECS);
         }
         let vanishes = (8..16).contains(&cut_kind);
-        if let (Some(rate), false) = (read_rate, vanishes) {
+        if let (Some(rate), false, None) = (read_rate, vanishes, slow_for) {
             // The echo sends the upload back: it is a response too.
             response = response.min(rate * DOWN_SECS);
             upload = upload.min(rate * DOWN_SECS);
@@ -149,7 +161,10 @@ impl Plan {
             // for, and the one that leaves most on disk to drop.
             8..16 => {
                 let reach = HEAD as u64 + response.max(upload);
-                let reach = read_rate.map_or(reach, |r| reach.min(r * DOWN_SECS));
+                let reach = match (read_rate, slow_for) {
+                    (Some(r), None) => reach.min(r * DOWN_SECS),
+                    _ => reach,
+                };
                 Cut::VanishAtDownload(rng.below(reach + 1))
             }
             _ => Cut::None,
@@ -180,6 +195,7 @@ impl Plan {
             upload,
             write_rate,
             read_rate,
+            slow_for,
             rcvbuf,
             write_chunk,
             read_chunk,
@@ -204,7 +220,11 @@ impl Plan {
             .write_rate
             .map_or(0.0, |r| self.upstream_len() as f64 / r as f64);
         let biggest = HEAD as u64 + self.response.max(self.upload);
-        let down = self.read_rate.map_or(0.0, |r| biggest as f64 / r as f64);
+        let down = match (self.read_rate, self.slow_for) {
+            (Some(_), Some(slow)) => slow.as_secs_f64(),
+            (Some(r), None) => biggest as f64 / r as f64,
+            (None, _) => 0.0,
+        };
         let backend = self.upstream_len() as f64 / self.backend_read_rate as f64;
         Duration::from_secs_f64(up + down + backend)
     }
