@@ -427,6 +427,33 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
 
     // The proxy, idle: back to its baseline.
     let end = wait_resources(&proxy, disk.as_ref(), &base, used_at_start);
+    let leaks = [
+        ("fds", end.fds as u64, base.fds as u64),
+        ("threads", end.threads as u64, base.threads as u64),
+        ("spill files", end.spill_files as u64, 0),
+        (
+            "tmpfs bytes in use",
+            end.disk_used.unwrap_or(0),
+            used_at_start,
+        ),
+    ];
+    for (what, now, then) in leaks {
+        if now != then {
+            world.books.note(format!(
+                "the idle proxy holds {now} {what} (at start: {then}): leaked"
+            ));
+        }
+    }
+    if end.spill_files > 0 {
+        let files: Vec<String> = proxy
+            .spill_files()
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect();
+        world
+            .books
+            .note(format!("spill files still open: {}", files.join(", ")));
+    }
     let rss_ok = end.rss_kib <= 2 * after_warmup.rss_kib;
     if !rss_ok {
         world.books.note(format!(
