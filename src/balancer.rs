@@ -9,63 +9,14 @@
 //! When every backend is down, they are all tried anyway: refusing
 //! everyone helps nobody (nginx does the same).
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::config::{BackendSpec, Strategy};
+
 /// However often a backend keeps failing, it is retried at least this often.
 pub const MAX_FAIL_TIMEOUT: Duration = Duration::from_secs(300);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    /// Smooth weighted round-robin (nginx's): no bursts to one backend.
-    RoundRobin,
-    /// Fewest active connections per unit of weight.
-    LeastConn,
-    /// Power of two random choices on active connections per weight.
-    Random2,
-}
-
-impl Strategy {
-    pub fn parse(s: &str) -> Result<Strategy, String> {
-        match s {
-            "round-robin" => Ok(Strategy::RoundRobin),
-            "least-conn" => Ok(Strategy::LeastConn),
-            "random2" => Ok(Strategy::Random2),
-            _ => Err(format!(
-                "'{s}' is not a strategy: expected round-robin, least-conn or random2"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Strategy::RoundRobin => "round-robin",
-            Strategy::LeastConn => "least-conn",
-            Strategy::Random2 => "random2",
-        })
-    }
-}
-
-/// A backend as configured: `ADDR[,weight=N]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendSpec {
-    pub addr: SocketAddr,
-    pub weight: u32,
-}
-
-impl fmt::Display for BackendSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.weight == 1 {
-            write!(f, "{}", self.addr)
-        } else {
-            write!(f, "{},weight={}", self.addr, self.weight)
-        }
-    }
-}
 
 /// How failures are judged.
 #[derive(Clone, Copy, Debug)]
@@ -141,7 +92,7 @@ struct Backend {
     state: AtomicU64,
 }
 
-/// What `Pool::pick_claiming` chose.
+/// What `Backends::pick_claiming` chose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Picked {
     pub idx: usize,
@@ -149,8 +100,32 @@ pub struct Picked {
     pub trial: bool,
 }
 
+/// The backends one connection may still try, in the strategy's order:
+/// each at most once, at most `max` in all. "Pick, fail, pick the next" is
+/// one loop over it. Every backend it yields is claimed (counted active,
+/// and its trial owned if it was down) until `Backends::release`. `tried`
+/// is the caller's, so that it outlives a connect in flight.
+pub struct Candidates<'a> {
+    backends: &'a Backends,
+    tried: &'a mut Vec<usize>,
+    max: usize,
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = Picked;
+
+    fn next(&mut self) -> Option<Picked> {
+        if self.tried.len() >= self.max {
+            return None;
+        }
+        let picked = self.backends.pick_claiming(Instant::now(), self.tried)?;
+        self.tried.push(picked.idx);
+        Some(picked)
+    }
+}
+
 /// The pool is shared by every worker thread; all of its state is atomics.
-pub struct Pool {
+pub struct Backends {
     backends: Vec<Backend>,
     strategy: Strategy,
     policy: FailPolicy,
@@ -166,10 +141,15 @@ pub struct Pool {
     epoch: Instant,
 }
 
-impl Pool {
-    pub fn new(specs: &[BackendSpec], strategy: Strategy, policy: FailPolicy, seed: u64) -> Pool {
+impl Backends {
+    pub fn new(
+        specs: &[BackendSpec],
+        strategy: Strategy,
+        policy: FailPolicy,
+        seed: u64,
+    ) -> Backends {
         assert!(!specs.is_empty(), "validated: at least one backend");
-        Pool {
+        Backends {
             backends: specs
                 .iter()
                 .map(|&spec| Backend {
@@ -205,6 +185,16 @@ impl Pool {
 
     pub fn is_up(&self, idx: usize) -> bool {
         self.state(idx).standing == Standing::Up
+    }
+
+    /// The backends a connection that has tried `tried` may try next, at
+    /// most `max` tries in all (see `Candidates`).
+    pub fn candidates<'a>(&'a self, tried: &'a mut Vec<usize>, max: usize) -> Candidates<'a> {
+        Candidates {
+            backends: self,
+            tried,
+            max,
+        }
     }
 
     /// Choose a backend for a connection that has already tried `tried`.
@@ -494,32 +484,11 @@ fn smooth_order(specs: &[BackendSpec]) -> Vec<usize> {
         .collect()
 }
 
-/// Parse `ADDR` or `ADDR,weight=N` for `--backend`.
-pub fn parse_backend(s: &str) -> Result<BackendSpec, String> {
-    let (addr, weight) = match s.split_once(',') {
-        None => (s, 1),
-        Some((addr, opt)) => {
-            let w = opt
-                .strip_prefix("weight=")
-                .and_then(|w| w.parse::<u32>().ok())
-                .filter(|w| (1..=1000).contains(w))
-                .ok_or_else(|| {
-                    format!("'{opt}' is not a weight: expected ADDR,weight=N with N from 1 to 1000")
-                })?;
-            (addr, w)
-        }
-    };
-    Ok(BackendSpec {
-        addr: crate::config::parse_addr(addr)?,
-        weight,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pool(weights: &[u32], strategy: Strategy) -> Pool {
+    fn pool(weights: &[u32], strategy: Strategy) -> Backends {
         let specs: Vec<BackendSpec> = weights
             .iter()
             .enumerate()
@@ -532,11 +501,11 @@ mod tests {
             max_fails: 3,
             fail_timeout: Duration::from_secs(10),
         };
-        Pool::new(&specs, strategy, policy, 42)
+        Backends::new(&specs, strategy, policy, 42)
     }
 
     /// `--max-fails` (3) failed connects in a row: `idx` goes down at `at`.
-    fn take_down(p: &Pool, idx: usize, at: Instant) {
+    fn take_down(p: &Backends, idx: usize, at: Instant) {
         for _ in 0..3 {
             p.failed(idx, at, "refused");
         }
@@ -685,6 +654,24 @@ mod tests {
         assert_eq!(tried, [0, 1, 2]);
     }
 
+    /// Candidates yield each backend once, in round-robin order, up to the
+    /// connection's tries, and remember them across calls.
+    #[test]
+    fn candidates_are_each_backend_once_up_to_max() {
+        let p = pool(&[1, 1, 1], Strategy::RoundRobin);
+        let mut tried = Vec::new();
+        let first: Vec<usize> = p.candidates(&mut tried, 2).map(|c| c.idx).collect();
+        assert_eq!(first.len(), 2);
+        assert!(p.candidates(&mut tried, 2).next().is_none(), "max reached");
+        let rest: Vec<usize> = p.candidates(&mut tried, 5).map(|c| c.idx).collect();
+        assert_eq!(rest.len(), 1);
+        let mut all = [first, rest].concat();
+        all.sort();
+        assert_eq!(all, [0, 1, 2]);
+        (0..3).for_each(|i| p.release(i));
+        assert!((0..3).all(|i| p.active(i) == 0));
+    }
+
     /// Exactly one connection owns a returning backend's trial, and knows
     /// it: only the owner may hand it back.
     #[test]
@@ -749,18 +736,5 @@ mod tests {
         let total: Vec<u32> = (0..3).map(|i| counts.iter().map(|c| c[i]).sum()).collect();
         assert_eq!(total, [200, 400, 600]);
         assert!((0..3).all(|i| p.active(i) == 0));
-    }
-
-    #[test]
-    fn backend_flags() {
-        assert_eq!(parse_backend("127.0.0.1:80").unwrap().weight, 1);
-        assert_eq!(parse_backend("127.0.0.1:80,weight=3").unwrap().weight, 3);
-        assert!(parse_backend("127.0.0.1:80,weight=0").is_err());
-        assert!(
-            parse_backend("127.0.0.1:80,w=2")
-                .unwrap_err()
-                .contains("weight=N")
-        );
-        assert!(parse_backend("nope,weight=2").is_err());
     }
 }

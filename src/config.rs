@@ -6,8 +6,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::balancer::{BackendSpec, Strategy};
-
 pub const DEFAULT_MEMORY_BUFFER: u64 = 64 * 1024;
 pub const DEFAULT_MAX_SPILL: u64 = 1 << 30;
 
@@ -71,7 +69,67 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Event-loop threads, each with its own listening socket.
     pub workers: usize,
+    /// Keep a backend that has sent EOF connected until the client has
+    /// sent EOF too (full half-duplex), instead of releasing it at once.
+    pub keep_half_open: bool,
+    /// What a connection carries: bytes (`tcp`) or HTTP/1.1 messages.
+    pub mode: Mode,
+    /// HTTP: larger request bodies get 413; 0: no limit but what the
+    /// buffer holds (`--memory-buffer` + `--max-spill`).
+    pub max_request_body: u64,
+    /// HTTP: a request head larger than this gets 431.
+    pub max_header_size: u64,
+    /// HTTP: the whole request head must arrive within this.
+    pub client_header_timeout: Duration,
+    /// HTTP: longest gap between two reads of a request body.
+    pub client_body_timeout: Duration,
+    /// HTTP: how long an idle client connection is kept between requests.
+    pub keepalive_timeout: Duration,
+    /// HTTP: longest wait for a response head, and longest gap in a body.
+    pub backend_timeout: Duration,
+    /// HTTP: idle backend connections kept per backend per worker.
+    pub upstream_keepalive: usize,
 }
+
+/// What a connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Bytes, both ways, as they come.
+    Tcp,
+    /// HTTP/1.1: whole requests and responses, backends per request.
+    Http,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s {
+            "tcp" => Ok(Mode::Tcp),
+            "http" => Ok(Mode::Http),
+            _ => Err(format!("'{s}' is not a mode: expected tcp or http")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Tcp => "tcp",
+            Mode::Http => "http",
+        })
+    }
+}
+
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1 << 30;
+pub const DEFAULT_MAX_HEADER_SIZE: u64 = 32 * 1024;
+/// A head must hold a request line and a Host; past a MiB it is an attack.
+pub const MIN_HEADER_SIZE: u64 = 1024;
+pub const MAX_HEADER_SIZE: u64 = 1 << 20;
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_UPSTREAM_KEEPALIVE: usize = 32;
+pub const MAX_UPSTREAM_KEEPALIVE: usize = 10_000;
 
 /// One worker per core the process may run on.
 pub fn default_workers() -> usize {
@@ -98,6 +156,15 @@ impl Default for Config {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             workers: 1,
+            keep_half_open: false,
+            mode: Mode::Tcp,
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE,
+            client_header_timeout: DEFAULT_CLIENT_HEADER_TIMEOUT,
+            client_body_timeout: DEFAULT_CLIENT_BODY_TIMEOUT,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            backend_timeout: DEFAULT_BACKEND_TIMEOUT,
+            upstream_keepalive: DEFAULT_UPSTREAM_KEEPALIVE,
         }
     }
 }
@@ -132,6 +199,10 @@ impl Config {
             ("--fail-timeout", self.fail_timeout),
             ("--health-check", self.health_check.unwrap_or(Duration::MAX)),
             ("--idle-timeout", self.idle_timeout),
+            ("--client-header-timeout", self.client_header_timeout),
+            ("--client-body-timeout", self.client_body_timeout),
+            ("--keepalive-timeout", self.keepalive_timeout),
+            ("--backend-timeout", self.backend_timeout),
         ];
         for (flag, d) in positive {
             if d.is_zero() {
@@ -168,6 +239,24 @@ impl Config {
                 ),
             );
         }
+        if !(MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&self.max_header_size) {
+            return refuse(
+                "--max-header-size",
+                format!(
+                    "{} is out of range: expected a size from 1KiB to 1MiB, e.g. 32KiB",
+                    self.max_header_size
+                ),
+            );
+        }
+        if self.upstream_keepalive > MAX_UPSTREAM_KEEPALIVE {
+            return refuse(
+                "--upstream-keepalive",
+                format!(
+                    "{} is out of range: expected 0 to {MAX_UPSTREAM_KEEPALIVE}, e.g. 32",
+                    self.upstream_keepalive
+                ),
+            );
+        }
         if self.spill_after > MAX_SPILL_AFTER {
             return refuse(
                 "--spill-after",
@@ -188,6 +277,77 @@ impl Config {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Smooth weighted round-robin (nginx's): no bursts to one backend.
+    RoundRobin,
+    /// Fewest active connections per unit of weight.
+    LeastConn,
+    /// Power of two random choices on active connections per weight.
+    Random2,
+}
+
+impl Strategy {
+    pub fn parse(s: &str) -> Result<Strategy, String> {
+        match s {
+            "round-robin" => Ok(Strategy::RoundRobin),
+            "least-conn" => Ok(Strategy::LeastConn),
+            "random2" => Ok(Strategy::Random2),
+            _ => Err(format!(
+                "'{s}' is not a strategy: expected round-robin, least-conn or random2"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastConn => "least-conn",
+            Strategy::Random2 => "random2",
+        })
+    }
+}
+
+/// A backend as configured: `ADDR[,weight=N]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{},weight={}", self.addr, self.weight)
+        }
+    }
+}
+
+/// Parse `ADDR` or `ADDR,weight=N` for `--backend`.
+pub fn parse_backend(s: &str) -> Result<BackendSpec, String> {
+    let (addr, weight) = match s.split_once(',') {
+        None => (s, 1),
+        Some((addr, opt)) => {
+            let w = opt
+                .strip_prefix("weight=")
+                .and_then(|w| w.parse::<u32>().ok())
+                .filter(|w| (1..=1000).contains(w))
+                .ok_or_else(|| {
+                    format!("'{opt}' is not a weight: expected ADDR,weight=N with N from 1 to 1000")
+                })?;
+            (addr, w)
+        }
+    };
+    Ok(BackendSpec {
+        addr: parse_addr(addr)?,
+        weight,
+    })
 }
 
 /// Parse `host:port`, `[v6]:port` or `name:port` (resolved now, first
@@ -227,12 +387,57 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(expected)
 }
 
-/// Parse a size such as `64KiB`, `1MiB`, `10MB` or `4096`.
+/// Parse a size such as `64KiB`, `1MiB`, `1.5GiB`, `10MB` or `4096`: a
+/// number, then a unit (`B`, `KB`/`KiB` ... `EB`/`EiB`, case ignored). A
+/// value beyond what 64 bits hold is refused, never rounded down to the
+/// largest that fits.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|_| format!("'{s}' is not a size: expected e.g. 64KiB, 1MiB, 10MB or 4096"))
+    let not_a_size = || format!("'{s}' is not a size: expected e.g. 64KiB, 1MiB, 10MB or 4096");
+    let t = s.trim();
+    let end = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(end);
+    let unit = unit.trim_start();
+    let factor: u128 = if unit.is_empty() {
+        1
+    } else {
+        let unit: bytesize::Unit = unit.parse().map_err(|_| not_a_size())?;
+        u128::from(1u64 * unit)
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    // A fraction of a byte is no size: `--max-disk 0.9` is a typo, not 0.
+    let bad_fraction = number.contains('.') && unit.is_empty();
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') || bad_fraction {
+        return Err(not_a_size());
+    }
+    let too_large = || {
+        format!(
+            "'{s}' is too large: expected at most {} bytes (16EiB - 1), e.g. 1GiB",
+            u64::MAX
+        )
+    };
+    // Digits only by now: a whole part that does not parse has overflowed.
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| too_large())?
+    };
+    // 10^-20 of the largest unit (2^60) is below a byte: digits past the
+    // 20th cannot change a whole number of bytes (and 10^20 * 2^60 still
+    // fits a u128).
+    let fraction = &fraction[..fraction.len().min(20)];
+    let scale = 10u128.pow(fraction.len() as u32);
+    let fraction: u128 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().map_err(|_| not_a_size())?
+    };
+    whole
+        .checked_mul(factor)
+        .and_then(|w| w.checked_add(fraction * factor / scale))
+        .and_then(|bytes| u64::try_from(bytes).ok())
+        .ok_or_else(too_large)
 }
 
 /// Sizes in logs and tables: `64.0 KiB`.
@@ -271,8 +476,31 @@ mod tests {
         assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("-1").is_err());
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert_eq!(parse_size("64 kib").unwrap(), 65536);
+        assert_eq!(parse_size("15EiB").unwrap(), 15 << 60);
+        assert_eq!(parse_size("18446744073709551615").unwrap(), u64::MAX);
+        for bad in [
+            "lots", "-1", "", "KiB", ".", "1..5KiB", "1.5.5", "5 KiBs", "0x10",
+        ] {
+            assert!(parse_size(bad).unwrap_err().contains("not a size"), "{bad}");
+        }
+    }
+
+    /// A value that does not fit is refused, not saturated to 16EiB.
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        for big in [
+            "99999999999999999999999999KiB",
+            "16EiB",
+            "18446744073709551616",
+            "20000000000000000000B",
+            "17179869184GiB",
+            "999999999999999999999999999999999999999999999",
+        ] {
+            let err = parse_size(big).unwrap_err();
+            assert!(err.contains("too large"), "{big}: {err}");
+        }
     }
 
     #[test]
@@ -299,5 +527,18 @@ mod tests {
         c.validate().unwrap();
         c.temp_dir = "/nonexistent/spillway".into();
         assert_eq!(c.validate().unwrap_err().flag, "--temp-dir");
+    }
+
+    #[test]
+    fn backend_flags() {
+        assert_eq!(parse_backend("127.0.0.1:80").unwrap().weight, 1);
+        assert_eq!(parse_backend("127.0.0.1:80,weight=3").unwrap().weight, 3);
+        assert!(parse_backend("127.0.0.1:80,weight=0").is_err());
+        assert!(
+            parse_backend("127.0.0.1:80,w=2")
+                .unwrap_err()
+                .contains("weight=N")
+        );
+        assert!(parse_backend("nope,weight=2").is_err());
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::balancer::BackendSpec;
+use crate::config::BackendSpec;
 use crate::config::{Config, show_size};
 use crate::proxy::Proxy;
 

@@ -1,15 +1,11 @@
 //! One worker: an event loop on its own thread, with its own `Poll`,
-//! listening socket, slab of connections and timers. What the workers
-//! share (pool, limits, counters, shutdown) is in `proxy::Shared`.
-//!
-//! Tokens: 0 the listener, 1 the waker (another worker or the supervisor
-//! has news), then one per backend for its health probe (worker 0 runs the
-//! health checks), then two per connection slot, client and backend:
-//! `conn_base + slot * 2 (+1)`.
+//! listening socket, slabs of connections and backend sockets, and
+//! timers. What the workers share is in `shared`.
 //!
 //! One turn: poll (sleeping until the earliest timer when nothing is
-//! ready), note readiness, look at what the other threads said, run due
-//! timers, drive every connection touched, then accept. Work that a turn
+//! ready), note readiness on the sockets the events name, look at what the
+//! other threads said, run due timers, drive every connection touched
+//! once, in the order its first event came, then accept. Work that a turn
 //! leaves (a connection whose budget ran out, a listener with more
 //! clients) makes the next poll not wait.
 
@@ -22,20 +18,25 @@ use mio::net::TcpListener;
 use mio::{Events, Poll, Token};
 
 use crate::buffer_pool;
-use crate::config::Config;
-use crate::connection::{Connection, Ctx, Side, Status};
+use crate::config::Mode;
+use crate::connection::{Ctx, Key, Session, Status, Tokens};
 use crate::health::HealthChecks;
-use crate::proxy::Shared;
+use crate::http::HttpConnection;
+use crate::io_error::is_transient_accept_error;
+use crate::shared::Shared;
+use crate::slab::Slab;
+use crate::tcp::TcpConnection;
 use crate::timers::{Timer, Timers};
+use crate::upstream::{IdlePool, LegOwner, LegTable};
 
+/// Token of backend 0's health probe; backend i's is `FIRST_PROBE + i`.
 const FIRST_PROBE: usize = 2;
 
 /// Accepts per turn before the connections already open get theirs. Each
 /// accept also dials a backend, which on loopback runs the whole handshake
-/// inside our call: 64 in a row held every open connection's response for
-/// a millisecond or more, the latency tail under a connection-per-request
-/// load. With 16, wrk -c50 `Connection: close` went from 10.3k to 11.5k
-/// req/s and p99 from ~9ms to ~7.5ms (8: 11.0k; 32: 10.7k).
+/// inside our call, so a long run of accepts holds every open
+/// connection's response: the latency tail under a connection-per-request
+/// load. (Why 16: docs/performance.md, "What each change bought".)
 const ACCEPTS_PER_TURN: usize = 16;
 
 /// How long to stop accepting when the process is out of file descriptors
@@ -56,14 +57,11 @@ const QUIET_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 /// hands memory back to the OS.
 const MIN_PEAK_TO_TRIM: usize = 64;
 
-/// Smallest read into the spill path's scratch buffer, whatever
-/// `--memory-buffer` is: one per worker, so a larger one costs little, and
-/// a spilling direction then makes one read and one `pwrite` per 256KiB
-/// rather than per 64KiB (slow-client bench: backend hold p99 417ms at
-/// 64KiB, 346ms at 256KiB; 1MiB did no better).
+/// The spill path's scratch buffer (one per worker) is `--memory-buffer`
+/// clamped to this range: a spilling direction then makes one read and one
+/// `pwrite` per 256KiB at least (why: docs/performance.md, "What each change
+/// bought").
 const MIN_SCRATCH: usize = 256 * 1024;
-
-/// Largest read into the spill path's scratch buffer.
 const MAX_SCRATCH: usize = 1 << 20;
 
 /// Where accepting stands.
@@ -78,17 +76,18 @@ struct Accepting {
 }
 
 /// A graceful shutdown under way.
-struct Draining {
+struct ShuttingDown {
     deadline: Instant,
     /// When to look for quiet connections again.
     next_check: Instant,
+    /// Connections that finished on their own, and those closed quiet.
+    finished: usize,
     quiet_closed: usize,
-    drained: usize,
 }
 
 /// What one worker's part of a graceful shutdown came to.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Drained {
+pub struct ShutdownTally {
     /// Connections that finished on their own.
     pub finished: usize,
     /// Closed gently once nothing was moving.
@@ -98,46 +97,81 @@ pub struct Drained {
     pub undelivered: u64,
 }
 
+impl ShutdownTally {
+    pub fn add(&mut self, other: &ShutdownTally) {
+        self.finished += other.finished;
+        self.quiet_closed += other.quiet_closed;
+        self.cut += other.cut;
+        self.undelivered += other.undelivered;
+    }
+}
+
+/// What a connection borrows from its worker while it runs: kept apart
+/// from the slab of connections so that both can be borrowed at once.
+struct Env {
+    poll: Poll,
+    shared: Arc<Shared>,
+    tokens: Tokens,
+    legs: LegTable,
+    idle: IdlePool,
+    timers: Timers,
+    scratch: Vec<u8>,
+    /// A graceful shutdown has begun.
+    stopping: bool,
+    /// Backends one connection may try: the first, then
+    /// `--connect-retries` others (default: all of them, once each).
+    max_attempts: usize,
+}
+
+impl Env {
+    fn ctx(&mut self) -> Ctx<'_> {
+        let config = &self.shared.config;
+        Ctx {
+            registry: self.poll.registry(),
+            tokens: self.tokens,
+            backends: &self.shared.backends,
+            legs: &mut self.legs,
+            idle: &mut self.idle,
+            timers: &mut self.timers,
+            scratch: &mut self.scratch,
+            stats: &self.shared.stats,
+            plan: &self.shared.plan,
+            connect_timeout: config.connect_timeout,
+            max_attempts: self.max_attempts,
+            keep_half_open: config.keep_half_open,
+            config,
+            stopping: self.stopping,
+        }
+    }
+}
+
 pub struct Worker {
     index: usize,
-    poll: Poll,
+    env: Env,
+    conns: Slab<Session>,
     /// `None` once a shutdown has begun: new clients are refused.
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
-    shared: Arc<Shared>,
-    slots: Vec<Option<Connection>>,
-    free_slots: Vec<usize>,
-    /// This worker's connections open now, and the most open since memory
-    /// was last given back to the OS.
-    live: usize,
-    peak_live: usize,
-    /// First connection token: after the probes'.
-    conn_base: usize,
     accepting: Accepting,
-    scratch: Vec<u8>,
-    timers: Timers,
+    /// The most connections open since memory was last given back.
+    peak_live: usize,
     health: Option<HealthChecks>,
     /// Connections that stopped reading for want of disk space.
     disk_waiters: Vec<usize>,
     disk_releases_seen: u64,
     disk_retry_at: Option<Instant>,
-    draining: Option<Draining>,
+    shutting_down: Option<ShuttingDown>,
 }
 
-/// A connection's view of the loop, borrowed field by field so that the
-/// slab can be borrowed beside it.
-macro_rules! ctx {
-    ($p:ident) => {
-        Ctx {
-            registry: $p.poll.registry(),
-            pool: &$p.shared.pool,
-            timers: &mut $p.timers,
-            scratch: &mut $p.scratch,
-            stats: &$p.shared.stats,
-            connect_timeout: $p.shared.config.connect_timeout,
-            max_attempts: max_attempts(&$p.shared.config),
-        }
-    };
+/// Reused from turn to turn, never reallocated.
+#[derive(Default)]
+struct TurnLists {
+    /// Connections whose last turn ran out of budget with work left.
+    busy: Vec<usize>,
+    /// Connections to drive this turn.
+    touched: Vec<usize>,
+    /// Scratch for `dedup_in_order`.
+    seen: Vec<bool>,
 }
 
 impl Worker {
@@ -159,25 +193,35 @@ impl Worker {
             .health_check
             .filter(|_| index == 0)
             .map(|every| HealthChecks::new(every, config.backends.len(), FIRST_PROBE));
+        let others = config.backends.len() - 1;
+        let max_attempts = 1 + config.connect_retries.map_or(others, |n| n.min(others));
+        let scratch = vec![0; (config.memory_buffer as usize).clamp(MIN_SCRATCH, MAX_SCRATCH)];
+        let tokens = Tokens {
+            conn_base: FIRST_PROBE + config.backends.len(),
+        };
         Worker {
             index,
-            poll,
+            env: Env {
+                poll,
+                tokens,
+                legs: LegTable::default(),
+                idle: IdlePool::new(config.backends.len(), config.upstream_keepalive),
+                timers: Timers::default(),
+                scratch,
+                max_attempts,
+                stopping: false,
+                shared,
+            },
+            conns: Slab::default(),
             listener: Some(listener),
             local_addr,
-            slots: Vec::new(),
-            free_slots: Vec::new(),
-            live: 0,
-            peak_live: 0,
-            conn_base: FIRST_PROBE + config.backends.len(),
             accepting: Accepting::default(),
-            scratch: vec![0; (config.memory_buffer as usize).clamp(MIN_SCRATCH, MAX_SCRATCH)],
-            timers: Timers::default(),
+            peak_live: 0,
             health,
             disk_waiters: Vec::new(),
             disk_releases_seen: 0,
             disk_retry_at: None,
-            draining: None,
-            shared,
+            shutting_down: None,
         }
     }
 
@@ -185,87 +229,113 @@ impl Worker {
         self.index
     }
 
-    /// Serve until stopped, or until this worker's part of a graceful
-    /// shutdown is done.
+    fn shared(&self) -> &Shared {
+        &self.env.shared
+    }
+
     /// Serve until stopped (`None`) or until this worker's part of a
-    /// graceful shutdown is over (what its drain came to).
-    pub fn run(mut self) -> io::Result<Option<Drained>> {
+    /// graceful shutdown is over (what it came to).
+    pub fn run(mut self) -> io::Result<Option<ShutdownTally>> {
         if self.health.is_some() {
-            self.timers.arm(Instant::now(), Timer::HealthRound);
+            self.env.timers.arm(Instant::now(), Timer::HealthRound);
         }
-        let sweep = idle_sweep_every(self.shared.config.idle_timeout);
-        self.timers.arm(Instant::now() + sweep, Timer::IdleSweep);
+        let sweep = idle_sweep_every(self.shared().config.idle_timeout);
+        self.env
+            .timers
+            .arm(Instant::now() + sweep, Timer::IdleSweep);
         let mut events = Events::with_capacity(1024);
-        // Connections whose last turn ran out of budget with work left, and
-        // those to drive this turn: both reused, never reallocated per turn.
-        let mut busy: Vec<usize> = Vec::new();
-        let mut touched: Vec<usize> = Vec::new();
-        let mut in_turn: Vec<bool> = Vec::new();
+        let mut lists = TurnLists::default();
         loop {
-            let timeout = if !busy.is_empty() || self.can_accept() {
-                Some(Duration::ZERO)
-            } else {
-                self.next_deadline()
-                    .map(|t| t.saturating_duration_since(Instant::now()))
-            };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            touched.clear();
-            touched.append(&mut busy);
-            for event in events.iter() {
-                match event.token() {
-                    Self::LISTENER => self.accepting.pending = true,
-                    Self::WAKER => {}
-                    token if token.0 < self.conn_base => self.on_probe_event(token),
-                    Token(t) => {
-                        let slot = (t - self.conn_base) / 2;
-                        let side = if (t - self.conn_base) % 2 == 0 {
-                            Side::Client
-                        } else {
-                            Side::Backend
-                        };
-                        if let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) {
-                            conn.on_event(side, event);
-                            touched.push(slot);
-                        }
-                    }
-                }
-            }
-            if self.shared.stopping() {
+            self.poll(&mut events, &lists)?;
+            lists.touched.clear();
+            lists.touched.append(&mut lists.busy);
+            self.note_events(&events, &mut lists.touched);
+            if self.shared().lifecycle.stopping() {
                 return Ok(None);
             }
             self.hear_the_others();
-            self.fire_timers(&mut touched);
-            self.wake_disk_waiters(&mut touched);
+            self.fire_timers(&mut lists.touched);
+            self.wake_disk_waiters(&mut lists.touched);
             // First come, first driven: sorting by slot instead would serve
             // low slots first in every busy turn and give the high ones the
-            // latency tail (p99 +40% under a connection-per-request load).
-            dedup_in_order(&mut touched, &mut in_turn);
-            for &slot in &touched {
-                let Some(conn) = self.slots[slot].as_mut() else {
-                    continue;
-                };
-                let status = conn.drive(&mut ctx!(self));
-                if conn.waiting_for_disk() && !self.disk_waiters.contains(&slot) {
-                    self.disk_waiters.push(slot);
-                    self.disk_retry_at
-                        .get_or_insert(Instant::now() + DISK_RETRY);
-                }
-                match status {
-                    Status::Waiting => {}
-                    Status::Busy => busy.push(slot),
-                    Status::Finished => self.retire(slot),
-                }
-            }
-            if let Some(drained) = self.drain_step() {
-                return Ok(Some(drained));
+            // latency tail (docs/performance.md, "What each change bought").
+            dedup_in_order(&mut lists.touched, &mut lists.seen);
+            self.drive_touched(&lists.touched, &mut lists.busy);
+            if let Some(tally) = self.shutdown_step() {
+                return Ok(Some(tally));
             }
             if self.can_accept() {
-                self.accept_some(&mut busy);
+                self.accept_some(&mut lists.busy);
+            }
+        }
+    }
+
+    /// Wait for events: not at all if work is left over, else until the
+    /// earliest deadline (or forever).
+    fn poll(&mut self, events: &mut Events, lists: &TurnLists) -> io::Result<()> {
+        let timeout = if !lists.busy.is_empty() || self.can_accept() {
+            Some(Duration::ZERO)
+        } else {
+            self.next_deadline()
+                .map(|t| t.saturating_duration_since(Instant::now()))
+        };
+        loop {
+            match self.env.poll.poll(events, timeout) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// Hand each event to the socket it names; connections touched go on
+    /// `touched`.
+    fn note_events(&mut self, events: &Events, touched: &mut Vec<usize>) {
+        for event in events.iter() {
+            match event.token() {
+                Self::LISTENER => self.accepting.pending = true,
+                Self::WAKER => {}
+                token => match self.env.tokens.key(token) {
+                    Key::Fixed(_) => self.on_probe_event(token),
+                    Key::Client(slot) => {
+                        if let Some(conn) = self.conns.get_mut(slot) {
+                            conn.on_client_event(event);
+                            touched.push(slot);
+                        }
+                    }
+                    Key::Leg(key) => match self.env.legs.get(key) {
+                        Some(&LegOwner::Conn { slot, id }) => {
+                            if let Some(conn) = connection(&mut self.conns, slot, id) {
+                                conn.on_leg_event(key, event);
+                                touched.push(slot);
+                            }
+                        }
+                        Some(&LegOwner::Idle { backend }) => {
+                            let env = &mut self.env;
+                            env.idle.on_event(backend, key, event, &mut env.legs);
+                        }
+                        None => {}
+                    },
+                },
+            }
+        }
+    }
+
+    /// Drive each touched connection once; note what it said.
+    fn drive_touched(&mut self, touched: &[usize], busy: &mut Vec<usize>) {
+        for &slot in touched {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            let status = conn.drive(&mut self.env.ctx());
+            if conn.waiting_for_disk() && !self.disk_waiters.contains(&slot) {
+                self.disk_waiters.push(slot);
+                self.disk_retry_at
+                    .get_or_insert(Instant::now() + DISK_RETRY);
+            }
+            match status {
+                Status::Waiting => {}
+                Status::Busy => busy.push(slot),
+                Status::Finished => self.retire(slot),
             }
         }
     }
@@ -274,29 +344,27 @@ impl Worker {
     /// shutdown begun, room again under `--max-connections`. Two atomic
     /// loads when nothing did.
     fn hear_the_others(&mut self) {
-        if self.draining.is_none() {
-            if let Some(deadline) = self.shared.shutdown_deadline() {
-                self.begin_drain(deadline);
+        if self.shutting_down.is_none() {
+            if let Some(deadline) = self.shared().lifecycle.shutdown_deadline() {
+                self.begin_shutdown(deadline);
             }
         }
-        if self.accepting.at_limit
-            && self.shared.open_connections() < self.shared.config.max_connections
-        {
+        if self.accepting.at_limit && self.shared().limit.has_room() {
             self.accepting.at_limit = false;
             self.accepting.pending = true;
-            self.shared.below_limit();
+            self.shared().limit.below_limit();
         }
     }
 
     /// The earliest moment something is due without an event.
     fn next_deadline(&self) -> Option<Instant> {
         let disk = self.disk_retry_at.filter(|_| !self.disk_waiters.is_empty());
-        let drain = self.draining.as_ref().map(|d| d.next_check);
+        let shutdown = self.shutting_down.as_ref().map(|d| d.next_check);
         [
-            self.timers.next_deadline(),
+            self.env.timers.next_deadline(),
             self.accepting.paused_until,
             disk,
-            drain,
+            shutdown,
         ]
         .into_iter()
         .flatten()
@@ -320,13 +388,11 @@ impl Worker {
     /// A connection is gone: free its slot, and let waiting clients in if
     /// they were kept out by the limit or by fd exhaustion.
     fn retire(&mut self, slot: usize) {
-        self.slots[slot] = None;
-        self.free_slots.push(slot);
-        self.live -= 1;
-        self.shared.release_connection(self.index);
+        self.conns.remove(slot);
+        self.shared().release_connection(self.index);
         self.give_back_memory();
-        if let Some(d) = &mut self.draining {
-            d.drained += 1;
+        if let Some(s) = &mut self.shutting_down {
+            s.finished += 1;
         }
         if self.accepting.at_limit {
             self.hear_the_others();
@@ -345,11 +411,12 @@ impl Worker {
     /// and the buffer pool covers them): rare enough that the heap walk
     /// costs nothing that matters.
     fn give_back_memory(&mut self) {
-        self.peak_live = self.peak_live.max(self.live + 1);
-        let dropped = self.peak_live >= MIN_PEAK_TO_TRIM
-            && (self.live == 0 || self.live * 2 <= self.peak_live);
-        if dropped && self.peak_live > self.live {
-            self.peak_live = self.live;
+        let live = self.conns.len();
+        self.peak_live = self.peak_live.max(live + 1);
+        let dropped =
+            self.peak_live >= MIN_PEAK_TO_TRIM && (live == 0 || live * 2 <= self.peak_live);
+        if dropped && self.peak_live > live {
+            self.peak_live = live;
             buffer_pool::clear();
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only walks the allocator's own free lists.
@@ -365,7 +432,7 @@ impl Worker {
         if self.disk_waiters.is_empty() {
             return;
         }
-        let releases = self.shared.plan.disk.releases();
+        let releases = self.shared().plan.disk.releases();
         let due = self.disk_retry_at.is_some_and(|t| Instant::now() >= t);
         if releases != self.disk_releases_seen || due {
             self.disk_releases_seen = releases;
@@ -378,44 +445,52 @@ impl Worker {
     /// `touched` so they get a turn.
     fn fire_timers(&mut self, touched: &mut Vec<usize>) {
         let now = Instant::now();
-        while let Some(timer) = self.timers.pop_due(now) {
+        while let Some(timer) = self.env.timers.pop_due(now) {
             match timer {
                 Timer::ConnectTimeout {
                     slot,
                     conn,
                     attempt,
                 } => {
-                    if let Some(c) = connection(&mut self.slots, slot, conn) {
-                        c.on_connect_timeout(attempt, &mut ctx!(self));
+                    if let Some(c) = connection(&mut self.conns, slot, conn) {
+                        c.on_connect_timeout(attempt, &mut self.env.ctx());
                         touched.push(slot);
                     }
                 }
                 Timer::ConnectRetry { slot, conn } => {
-                    if let Some(c) = connection(&mut self.slots, slot, conn) {
-                        c.on_connect_retry(&mut ctx!(self));
+                    if let Some(c) = connection(&mut self.conns, slot, conn) {
+                        c.on_connect_retry(&mut self.env.ctx());
                         touched.push(slot);
                     }
                 }
-                Timer::LingerEnd { slot, conn } | Timer::SpillDue { slot, conn } => {
-                    if connection(&mut self.slots, slot, conn).is_some() {
+                Timer::LingerEnd { slot, conn }
+                | Timer::SpillDue { slot, conn }
+                | Timer::Deadline { slot, conn } => {
+                    if connection(&mut self.conns, slot, conn).is_some() {
                         touched.push(slot);
                     }
                 }
                 Timer::IdleSweep => self.close_idle(now),
                 Timer::HealthRound => {
                     if let Some(health) = &mut self.health {
-                        let timeout = self.shared.config.connect_timeout;
+                        let env = &mut self.env;
                         health.round(
-                            &self.shared.pool,
-                            self.poll.registry(),
-                            &mut self.timers,
-                            timeout,
+                            &env.shared.backends,
+                            env.poll.registry(),
+                            &mut env.timers,
+                            env.shared.config.connect_timeout,
                         );
                     }
                 }
                 Timer::HealthTimeout { backend, probe } => {
                     if let Some(health) = &mut self.health {
-                        health.on_timeout(backend, probe, &self.shared.pool, self.poll.registry());
+                        let env = &self.env;
+                        health.on_timeout(
+                            backend,
+                            probe,
+                            &env.shared.backends,
+                            env.poll.registry(),
+                        );
                     }
                 }
             }
@@ -427,9 +502,9 @@ impl Worker {
     /// keeps the timer heap from growing with connection churn; a
     /// connection is closed between 1 and 1.125 idle timeouts.
     fn close_idle(&mut self, now: Instant) {
-        let limit = self.shared.config.idle_timeout;
-        for slot in 0..self.slots.len() {
-            let Some(conn) = self.slots[slot].as_mut() else {
+        let limit = self.shared().config.idle_timeout;
+        for slot in 0..self.conns.capacity() {
+            let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
             let idle = conn.idle_for(now);
@@ -438,19 +513,22 @@ impl Worker {
             }
             // With bytes still held, a close would cut a stream: reset.
             let gentle = conn.held() == 0;
-            log::info!("{} idle for {:?}: closing", conn.id, idle);
-            if conn.close_now("idle timeout", gentle, &mut ctx!(self)) == Status::Finished {
+            log::info!("[conn {}] idle for {idle:?}: closing", conn.id());
+            if conn.close_now("idle timeout", gentle, &mut self.env.ctx()) == Status::Finished {
                 self.retire(slot);
             }
         }
-        self.timers
+        let env = &mut self.env;
+        env.idle.close_stale(now, &mut env.legs);
+        env.timers
             .arm(now + idle_sweep_every(limit), Timer::IdleSweep);
     }
 
     fn on_probe_event(&mut self, token: Token) {
         if let Some(health) = &mut self.health {
             if let Some(idx) = health.backend_of(token) {
-                health.on_event(idx, &self.shared.pool, self.poll.registry());
+                let env = &self.env;
+                health.on_event(idx, &env.shared.backends, env.poll.registry());
             }
         }
     }
@@ -458,33 +536,33 @@ impl Worker {
     /// Stop accepting (the listener is closed, so new clients hashed to it
     /// are refused at once), and give in-flight connections until
     /// `deadline`.
-    fn begin_drain(&mut self, deadline: Instant) {
+    fn begin_shutdown(&mut self, deadline: Instant) {
         if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
+            let _ = self.env.poll.registry().deregister(&mut listener);
         }
-        self.draining = Some(Draining {
+        self.env.stopping = true;
+        self.shutting_down = Some(ShuttingDown {
             deadline,
             next_check: Instant::now(),
+            finished: 0,
             quiet_closed: 0,
-            drained: 0,
         });
     }
 
     /// One step of a graceful shutdown: close connections that have gone
-    /// quiet, and everything once the deadline has passed. What the drain
-    /// came to once it is over and this worker may return.
-    fn drain_step(&mut self) -> Option<Drained> {
+    /// quiet, and everything once the deadline has passed. What the
+    /// shutdown came to once it is over and this worker may return.
+    fn shutdown_step(&mut self) -> Option<ShutdownTally> {
         let now = Instant::now();
-        let d = self.draining.as_ref()?;
-        if self.live > 0 && now < d.next_check {
+        let s = self.shutting_down.as_ref()?;
+        if !self.conns.is_empty() && now < s.next_check {
             return None;
         }
-        let deadline = d.deadline;
+        let deadline = s.deadline;
         let out_of_time = now >= deadline;
-        let mut cut = 0;
-        let mut undelivered = 0;
-        for slot in 0..self.slots.len() {
-            let Some(conn) = self.slots[slot].as_mut() else {
+        let (mut cut, mut undelivered, mut quiet_closed) = (0, 0, 0);
+        for slot in 0..self.conns.capacity() {
+            let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
             let quiet = conn.is_quiet() && conn.idle_for(now) >= QUIET_AT_SHUTDOWN;
@@ -497,32 +575,28 @@ impl Worker {
             } else {
                 ("shutdown timeout", false)
             };
-            if conn.close_now(reason, gentle, &mut ctx!(self)) == Status::Finished {
-                self.retire(slot);
-                if let Some(d) = &mut self.draining {
-                    d.drained -= 1; // retire counted it; it was not drained
-                    if quiet {
-                        d.quiet_closed += 1;
-                    }
-                }
-                if !quiet {
+            if conn.close_now(reason, gentle, &mut self.env.ctx()) == Status::Finished {
+                self.conns.remove(slot);
+                self.shared().release_connection(self.index);
+                if quiet {
+                    quiet_closed += 1;
+                } else {
                     cut += 1;
                     undelivered += held;
                 }
             }
         }
-        if self.live == 0 || out_of_time {
-            let d = self.draining.as_ref().expect("draining");
-            return Some(Drained {
-                finished: d.drained,
-                quiet_closed: d.quiet_closed,
+        let s = self.shutting_down.as_mut().expect("shutting down");
+        s.quiet_closed += quiet_closed;
+        if self.conns.is_empty() || out_of_time {
+            return Some(ShutdownTally {
+                finished: s.finished,
+                quiet_closed: s.quiet_closed,
                 cut,
                 undelivered,
             });
         }
-        if let Some(d) = &mut self.draining {
-            d.next_check = (now + SHUTDOWN_TICK).min(deadline);
-        }
+        s.next_check = (now + SHUTDOWN_TICK).min(deadline);
         None
     }
 
@@ -536,13 +610,13 @@ impl Worker {
             };
             // The place is taken before the accept, so that workers
             // accepting at once cannot go over the limit together.
-            if !self.shared.reserve_connection() {
+            if !self.shared().limit.reserve() {
                 self.accepting.at_limit = true;
                 return;
             }
             let accepted = listener.accept();
             if accepted.is_err() {
-                self.shared.release_connection(self.index);
+                self.shared().release_connection(self.index);
             }
             match accepted {
                 // Bytes the client sent before registration are not lost:
@@ -553,7 +627,7 @@ impl Worker {
                         // (no backend could even be dialled): let it run.
                         busy.push(slot);
                     } else {
-                        self.shared.release_connection(self.index);
+                        self.shared().release_connection(self.index);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -561,7 +635,7 @@ impl Worker {
                     // there was one, is over. (Resetting on each success
                     // would log again after every close while fds stay
                     // short, one accept at a time.)
-                    self.shared.accept_burst_ends(self.index);
+                    self.shared().accept_errors.burst_ends(self.index);
                     self.accepting.pending = false;
                     return;
                 }
@@ -572,11 +646,10 @@ impl Worker {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM: the client stays in
                     // the backlog. Try again when a connection closes, or
                     // after a pause; say so once per burst.
-                    if self.shared.accept_burst_begins(self.index) {
+                    if self.shared().accept_errors.burst_begins(self.index) {
                         log::error!(
-                            "accept on {} failed: {e}; pausing accepts until a connection closes (at most {:?})",
+                            "accept on {} failed: {e}; pausing accepts until a connection closes (at most {ACCEPT_BACKOFF:?})",
                             self.local_addr,
-                            ACCEPT_BACKOFF
                         );
                     }
                     self.accepting.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
@@ -589,33 +662,28 @@ impl Worker {
     /// Set up a connection for a freshly accepted client. If that fails the
     /// client is closed and the reason logged.
     fn open(&mut self, client: mio::net::TcpStream, client_addr: SocketAddr) -> Option<usize> {
-        let id = self.shared.next_id();
-        let slot = self.free_slots.pop().unwrap_or_else(|| {
-            self.slots.push(None);
-            self.slots.len() - 1
-        });
-        let tokens = (
-            Token(self.conn_base + slot * 2),
-            Token(self.conn_base + slot * 2 + 1),
-        );
-        match Connection::open(
-            id,
-            slot,
-            client,
-            client_addr,
-            &self.shared.plan,
-            tokens,
-            &mut ctx!(self),
-        ) {
+        let id = self.shared().next_id();
+        let slot = self.conns.vacant();
+        let token = self.env.tokens.client(slot);
+        let ctx = &mut self.env.ctx();
+        let opened = match ctx.config.mode {
+            Mode::Tcp => {
+                TcpConnection::open(id, slot, client, client_addr, token, ctx).map(Session::Tcp)
+            }
+            Mode::Http => HttpConnection::open(id, slot, client, client_addr, token, ctx)
+                .map(|c| Session::Http(Box::new(c))),
+        };
+        match opened {
             Ok(conn) => {
-                log::debug!("{} accepted client {client_addr}", conn.id);
-                self.slots[slot] = Some(conn);
-                self.live += 1;
+                log::debug!("[conn {id}] accepted client {client_addr}");
+                // The slot was promised to the connection (its token, its
+                // timers): it must be the one it gets.
+                let placed = self.conns.insert(conn);
+                assert_eq!(placed, slot, "the slab gave another place than vacant()");
                 Some(slot)
             }
             Err(e) => {
                 log::warn!("[conn {id}] client {client_addr}: cannot set up the connection: {e}");
-                self.free_slots.push(slot);
                 None
             }
         }
@@ -644,28 +712,8 @@ fn idle_sweep_every(idle_timeout: Duration) -> Duration {
 
 /// The connection in `slot`, if it is still connection `id` (slots are
 /// reused; timers are never cancelled).
-fn connection(slots: &mut [Option<Connection>], slot: usize, id: u64) -> Option<&mut Connection> {
-    slots
-        .get_mut(slot)
-        .and_then(Option::as_mut)
-        .filter(|c| c.id.0 == id)
-}
-
-/// Backends one connection may try: the first, then `--connect-retries`
-/// others (default: all of them, once each).
-fn max_attempts(config: &Config) -> usize {
-    let others = config.backends.len() - 1;
-    1 + config.connect_retries.map_or(others, |n| n.min(others))
-}
-
-/// Errors after which the next accept may well succeed at once.
-fn is_transient_accept_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionReset
-    ) || e.raw_os_error() == Some(libc::EPROTO)
+fn connection(conns: &mut Slab<Session>, slot: usize, id: u64) -> Option<&mut Session> {
+    conns.get_mut(slot).filter(|c| c.id() == id)
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::balancer::Pool;
-use crate::connection::is_out_of_resources;
+use crate::balancer::Backends;
+use crate::io_error::is_out_of_resources;
 use crate::timers::{Timer, Timers};
 
 struct Probe {
@@ -47,7 +47,7 @@ impl HealthChecks {
     /// Probe every backend that needs it and arm the next round.
     pub fn round(
         &mut self,
-        pool: &Pool,
+        pool: &Backends,
         registry: &Registry,
         timers: &mut Timers,
         timeout: Duration,
@@ -103,7 +103,7 @@ impl HealthChecks {
     }
 
     /// The probe socket of `idx` became writable or failed: judge it.
-    pub fn on_event(&mut self, idx: usize, pool: &Pool, registry: &Registry) {
+    pub fn on_event(&mut self, idx: usize, pool: &Backends, registry: &Registry) {
         let Some(probe) = &self.probes[idx] else {
             return;
         };
@@ -127,7 +127,7 @@ impl HealthChecks {
     }
 
     /// Probe `probe` of `idx` ran out of time.
-    pub fn on_timeout(&mut self, idx: usize, probe: u64, pool: &Pool, registry: &Registry) {
+    pub fn on_timeout(&mut self, idx: usize, probe: u64, pool: &Backends, registry: &Registry) {
         if self.probes[idx].as_ref().is_some_and(|p| p.id == probe) {
             self.finish(idx, registry);
             let cause = "health check timed out";

@@ -13,15 +13,21 @@ pub mod demo;
 pub mod disk;
 pub mod event_loop;
 pub mod health;
+pub mod http;
+pub mod io_error;
 pub mod logging;
 pub mod proxy;
 pub mod relay;
+pub mod shared;
+pub mod slab;
 pub mod spill;
 pub mod stats;
+pub mod tcp;
 pub mod timers;
+pub mod upstream;
 
 pub use config::{Config, ConfigError};
-pub use proxy::{Proxy, Stopper};
+pub use proxy::{Proxy, StartError, Stopper};
 
 /// Bind, handle SIGINT/SIGTERM (graceful shutdown) and SIGHUP (reopen the
 /// log file), and serve until shut down.

@@ -9,8 +9,10 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
-use spillway::balancer::{BackendSpec, Strategy, parse_backend};
-use spillway::config::{self, Config, parse_addr, parse_duration, parse_size};
+use spillway::config::{
+    self, BackendSpec, Config, Mode, Strategy, parse_addr, parse_backend, parse_duration,
+    parse_size,
+};
 use spillway::demo::{self, DemoOptions};
 use spillway::logging::{self, LevelFilter, parse_level};
 
@@ -114,6 +116,50 @@ struct Cli {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
 
+    /// Keep a backend that has ended its stream (sent EOF) connected until
+    /// the client ends its own, for protocols where the server half-closes
+    /// and still reads. Off: the backend is released at once and what the
+    /// client sends after that is dropped
+    #[arg(long)]
+    keep_half_open: bool,
+
+    /// What connections carry: tcp (bytes both ways) or http (HTTP/1.1:
+    /// whole requests and responses buffered, backends per request)
+    #[arg(long, value_name = "MODE", value_parser = Mode::parse, default_value = "tcp")]
+    mode: Mode,
+
+    /// HTTP: larger request bodies get 413; 0: no limit but --memory-buffer
+    /// + --max-spill
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
+    max_request_body: u64,
+
+    /// HTTP: a request head larger than this gets 431 (a request line over
+    /// 8KiB gets 414)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32KiB")]
+    max_header_size: u64,
+
+    /// HTTP: the whole request head must arrive within this, else 408
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s")]
+    client_header_timeout: Duration,
+
+    /// HTTP: longest gap between two reads of a request body, else 408
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s")]
+    client_body_timeout: Duration,
+
+    /// HTTP: an idle client connection between requests is closed after this
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "75s")]
+    keepalive_timeout: Duration,
+
+    /// HTTP: longest wait for a backend's response head (then 504), and
+    /// longest gap inside its body (then the client is cut)
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s")]
+    backend_timeout: Duration,
+
+    /// HTTP: idle backend connections kept per backend per worker for
+    /// reuse (least recently used go first); 0: a new one per request
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_UPSTREAM_KEEPALIVE)]
+    upstream_keepalive: usize,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -203,6 +249,15 @@ fn serve(cli: Cli) -> ExitCode {
         idle_timeout: cli.idle_timeout,
         shutdown_timeout: cli.shutdown_timeout,
         workers: cli.workers.unwrap_or_else(config::default_workers),
+        keep_half_open: cli.keep_half_open,
+        mode: cli.mode,
+        max_request_body: cli.max_request_body,
+        max_header_size: cli.max_header_size,
+        client_header_timeout: cli.client_header_timeout,
+        client_body_timeout: cli.client_body_timeout,
+        keepalive_timeout: cli.keepalive_timeout,
+        backend_timeout: cli.backend_timeout,
+        upstream_keepalive: cli.upstream_keepalive,
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {
@@ -214,10 +269,11 @@ fn serve(cli: Cli) -> ExitCode {
                 log::error!("{e}");
             }
             eprintln!("spillway: {e}");
-            if e.is::<config::ConfigError>() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
+            // A bad configuration exits 2, as a bad flag does; anything
+            // the system refused exits 1.
+            match e.downcast_ref::<spillway::StartError>() {
+                Some(spillway::StartError::Config(_)) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
             }
         }
     }

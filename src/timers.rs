@@ -25,6 +25,9 @@ pub enum Timer {
     /// Connection `conn` in `slot` paused reading to let a receiver catch
     /// up (`--spill-after`): time to look again, and spill if it has not.
     SpillDue { slot: usize, conn: u64 },
+    /// Connection `conn` in `slot` has a deadline of its own to look at
+    /// (an HTTP connection's header, body, keep-alive or backend timeout).
+    Deadline { slot: usize, conn: u64 },
     /// Look for connections idle for `--idle-timeout`.
     IdleSweep,
     /// Time to probe every backend.

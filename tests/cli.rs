@@ -21,10 +21,19 @@ struct Outcome {
 
 /// Run the binary with `args` and wait (bounded) for it to exit.
 fn run(args: &[&str]) -> Outcome {
+    run_with_fds(args, None)
+}
+
+/// `run`, with at most `fd_limit` file descriptors if given.
+fn run_with_fds(args: &[&str], fd_limit: Option<u64>) -> Outcome {
     let work = TempDir::new("cli");
     let out_path = work.path().join("stdout");
     let err_path = work.path().join("stderr");
-    let mut child = Command::new(bin())
+    let mut command = Command::new(bin());
+    if let Some(limit) = fd_limit {
+        limit_open_files(&mut command, limit);
+    }
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
@@ -58,7 +67,8 @@ fn run(args: &[&str]) -> Outcome {
 /// leaves nothing listening) with code 2 and exactly one stderr line,
 /// starting `spillway: ` and naming `flag`. (Probing the port afterwards
 /// would prove nothing more, and could meet another test's listener.)
-fn assert_refused(args: &[&str], flag: &str) {
+/// Returns that line.
+fn assert_refused(args: &[&str], flag: &str) -> String {
     let out = run(args);
     let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(
@@ -88,6 +98,7 @@ fn assert_refused(args: &[&str], flag: &str) {
         "spillway {args:?}: stdout {:?}",
         out.stdout
     );
+    lines[0].to_string()
 }
 
 /// A valid --listen: any free port on loopback.
@@ -222,6 +233,27 @@ fn bad_max_spill_is_refused() {
     );
 }
 
+/// A SIZE that does not fit in 64 bits is refused like any bad value, and
+/// the message says why: it used to be saturated, and
+/// `--max-spill 99999999999999999999999999KiB` started with 16EiB.
+#[test]
+fn sizes_that_do_not_fit_are_refused() {
+    for flag in ["--max-spill", "--max-disk", "--memory-buffer"] {
+        for value in [
+            "99999999999999999999999999KiB",
+            "16EiB",
+            "18446744073709551616",
+        ] {
+            let arg = format!("{flag}={value}");
+            let line = assert_refused(
+                &["--listen", LISTEN, "--backend", &some_backend(), &arg],
+                flag,
+            );
+            assert!(line.contains("too large"), "{arg}: {line:?}");
+        }
+    }
+}
+
 #[test]
 fn unusable_temp_dir_is_refused() {
     let work = TempDir::new("cli-temp");
@@ -249,6 +281,33 @@ fn bad_log_level_is_refused() {
         ],
         "--log-level",
     );
+}
+
+/// A start-up failure that is the system's, not the operator's (here: no
+/// fd left for a listening socket, an epoll instance or a waker) exits 1,
+/// with one line saying what could not be had; exit 2 means a bad flag.
+#[test]
+fn running_out_of_fds_at_start_exits_1() {
+    for limit in [4, 5, 6] {
+        let args = [
+            "--listen",
+            LISTEN,
+            "--backend",
+            &some_backend(),
+            "--workers",
+            "2",
+        ];
+        let out = run_with_fds(&args, Some(limit));
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(out.code, Some(1), "{limit} fds: {}", out.stderr);
+        assert_eq!(lines.len(), 1, "{limit} fds: {:?}", out.stderr);
+        assert!(
+            lines[0].starts_with("spillway: cannot start: ")
+                && lines[0].contains("Too many open files"),
+            "{limit} fds: {:?}",
+            lines[0]
+        );
+    }
 }
 
 #[test]

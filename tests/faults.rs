@@ -1162,7 +1162,16 @@ fn resets_at_random_points_leave_no_fd_or_file_behind() {
             handled.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let mut proxy = Proxy::start(&["--backend", &backend.arg(), "--memory-buffer", "16KiB"]);
+    // The backend half-closes after its download and then reads the
+    // upload: full half-duplex, kept with --keep-half-open (by default the
+    // proxy would release it at its EOF whenever the upload lagged).
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend.arg(),
+        "--memory-buffer",
+        "16KiB",
+        "--keep-half-open",
+    ]);
     let baseline = proxy.fd_count();
     let addr = proxy.addr;
 

@@ -259,8 +259,11 @@ fn half_close_from_the_client() {
 /// Test 4b: The backend sends a greeting and half-closes; the client sees it
 /// and EOF, and can still upload 1MiB, which the backend gets in full, then
 /// EOF.
+/// With `--keep-half-open`, a backend that has sent EOF stays connected
+/// and still gets what the client sends after it (full half-duplex, as
+/// before the default became releasing the backend).
 #[test]
-fn half_close_from_the_backend() {
+fn half_close_from_the_backend_with_keep_half_open() {
     const GREETING: &[u8] = b"220 hello, send me your file\r\n";
     let upload = Arc::new(random_bytes(43, MIB));
     let (listener, backend_addr) = listen();
@@ -277,7 +280,7 @@ fn half_close_from_the_backend() {
             got_tx.send(got.len()).expect("report");
         })
     };
-    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string(), "--keep-half-open"]);
     let mut client = connect(proxy.addr);
     let client_addr = client.local_addr().unwrap();
     // Greeting then EOF, before the client has sent anything.
@@ -299,6 +302,64 @@ fn half_close_from_the_backend() {
         closed.line
     );
     assert_eq!(closed.reason, "done", "{}", closed.line);
+}
+
+/// A backend that answers and half-closes (a lingering close, as
+/// gunicorn, Apache and nginx do: shut the write half, then wait for the
+/// peer's FIN) is released as soon as its EOF is in and nothing is pending
+/// for it, although the client has read nothing yet and never half-closes.
+/// The client still gets the whole response, then EOF; what it sends after
+/// the backend was released is dropped and counted.
+#[test]
+fn a_backend_that_half_closes_is_released_before_the_client_reads() {
+    const SIZE: usize = 8 * MIB;
+    const LATE: usize = 1000;
+    let data = Arc::new(random_bytes(44, SIZE));
+    let (listener, backend_addr) = listen();
+    let (eof_tx, eof_rx) = mpsc::channel();
+    let backend = {
+        let data = data.clone();
+        spawn("backend", move || {
+            let mut s = accept_within(&listener, SECS_10);
+            let mut request = vec![0u8; REQUEST.len()];
+            s.read_exact(&mut request).expect("request");
+            assert_eq!(request, REQUEST);
+            s.set_write_timeout(Some(SECS_60)).expect("write timeout");
+            s.write_all(&data).expect("backend write_all");
+            shutdown_write(&s);
+            // The lingering close: wait for the peer to close.
+            let rest = read_to_eof(&mut s, 0);
+            assert!(rest.is_empty(), "nothing after the request: {rest:?}");
+            eof_tx.send(Instant::now()).expect("report");
+        })
+    };
+    let mut proxy = Proxy::start(&["--backend", &backend_addr.to_string()]);
+    let mut client = connect(proxy.addr);
+    let client_addr = client.local_addr().unwrap();
+    client.write_all(REQUEST).expect("request");
+    let (released_at, backend) = recv_from(
+        &eof_rx,
+        SECS_10,
+        backend,
+        "backend waiting for the proxy to close while the client reads nothing",
+    );
+    backend.join(SECS_10);
+    // The client speaks again after the backend has gone: dropped.
+    client.write_all(&[5u8; LATE]).expect("late bytes");
+    let got = read_to_eof_varied(&mut client, SIZE, SECS_60);
+    assert_bytes_eq("the response of a released backend", &got, &data);
+    let done_reading = Instant::now();
+    drop(client);
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert!(released_at < done_reading);
+    assert_eq!(
+        (closed.up_bytes, closed.down_bytes, closed.dropped),
+        (REQUEST.len() as u64, SIZE as u64, LATE as u64),
+        "{}",
+        closed.line
+    );
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+    assert!(closed.backend_held < closed.duration, "{}", closed.line);
 }
 
 /// Backend writes until a write fails (or 512MiB): what it saw and when.
@@ -481,11 +542,14 @@ fn backend_reset_after_a_complete_response_still_delivers_it() {
             done_tx.send(()).expect("report");
         })
     };
+    // Kept half-open: by default the proxy closes the backend once its EOF
+    // is in, before it could reset; this is about a reset that comes first.
     let mut proxy = Proxy::start(&[
         "--backend",
         &backend_addr.to_string(),
         "--log-level",
         "debug",
+        "--keep-half-open",
     ]);
     let mut client = connect(proxy.addr);
     let client_addr = client.local_addr().unwrap();
@@ -774,11 +838,14 @@ fn a_complete_response_survives_a_backend_reset_while_the_client_still_sends() {
             reset(s);
         })
     };
+    // Kept half-open: released at its EOF, the backend would be closed by
+    // the proxy before its reset, and this is about the reset.
     let mut proxy = Proxy::start(&[
         "--backend",
         &backend_addr.to_string(),
         "--log-level",
         "debug",
+        "--keep-half-open",
     ]);
     let mut client = connect(proxy.addr);
     let stop = Arc::new(AtomicBool::new(false));

@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -194,22 +196,7 @@ impl Proxy {
             .stdout(Stdio::null())
             .stderr(stderr);
         if let Some(limit) = launch.max_open_files {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: only setrlimit runs between fork and exec: it is
-            // async-signal-safe and touches no memory of the parent's.
-            unsafe {
-                command.pre_exec(move || {
-                    let rl = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::last_os_error())
-                    }
-                });
-            }
+            limit_open_files(&mut command, limit);
         }
         let child = command.spawn().expect("spawn spillway");
         let pid = child.id();
@@ -517,7 +504,26 @@ impl Drop for Proxy {
     }
 }
 
-/// Wait for `child` to exit, up to `timeout`.
+/// Run `command` with at most `limit` open files (`RLIMIT_NOFILE`).
+pub fn limit_open_files(command: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only setrlimit runs between fork and exec: it is
+    // async-signal-safe and touches no memory of the parent's.
+    unsafe {
+        command.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// Poll `done` every few milliseconds until it holds, or panic after
 /// `timeout`. For state another thread or process reaches on its own time
 /// (a backend's accept count, a file's size), where no log line marks it.
@@ -542,6 +548,7 @@ pub fn holds_for(window: Duration, mut check: impl FnMut()) {
     }
 }
 
+/// Wait for `child` to exit, up to `timeout`.
 pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {

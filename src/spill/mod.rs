@@ -5,13 +5,13 @@
 //! step did as a small enum, `WouldBlock` included. Given the file
 //! descriptors of the two ends as well, it moves bulk bytes without copying
 //! them through user space (`zerocopy`): `splice` through a pipe for the
-//! in-memory part, `sendfile` from the spill file.
+//! in-memory part, `sendfile` from the spill file (`file`).
 //!
-//! Layout and the invariant everything else rests on:
+//! This module is the ordering layer; the invariant everything rests on:
 //!
 //! ```text
 //!   oldest bytes                                                  newest bytes
-//!   [ memory: mem[head .. head+len] or a pipe ] [ file: file_head .. file_tail ]
+//!   [ memory: mem[head .. head+len] or a pipe ] [ file: SpillFile's head .. tail ]
 //! ```
 //!
 //! Every byte in memory is older than every byte in the file. New bytes go
@@ -19,47 +19,26 @@
 //! new bytes are appended to the file. Memory is a `Vec` or a pipe, never
 //! both at once, and the two together never hold more than `mem_limit`.
 //! When memory runs dry the file's head is sent to the receiver straight
-//! from the page cache, or (without a socket to send to) read back into
-//! memory first. When the file part empties, the file is truncated to zero
-//! and both offsets rewind, so the space on disk follows the backlog. A
-//! file that never empties (a steady stream into a slower reader) has its
-//! drained head released with `FALLOC_FL_PUNCH_HOLE` in whole
-//! `largest_folio()` steps (2MiB): never part of a page the kernel may
-//! still be sending (see `zerocopy::largest_folio`). Bytes are only ever
-//! appended past everything sent, and the file is only ever truncated to
-//! zero, so no page handed to a socket is changed while it is in flight.
+//! from the page cache, or (without a socket to send to) taken back into
+//! memory first. What the file does with its disk space is `file.rs`'s.
 //!
-//! Disk space is reserved (`fallocate`, keeping the file size) and charged
-//! to the shared `DiskBudget` *before* bytes are read from the sender: when
-//! the disk is full, over quota, or `--max-disk` is reached, nothing has been
-//! read that could not be stored, and the direction simply stops reading
-//! (backpressure) until space frees.
+//! A protocol layer can look at the oldest bytes without taking them
+//! (`peek`), drop them once parsed (`consume`), and put bytes of its own in
+//! (`push`: a head it wrote, a de-chunked body, a canned answer).
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::buffer_pool;
 use crate::disk::DiskBudget;
+use crate::io_error::is_unsupported;
 
+mod file;
 mod zerocopy;
-use zerocopy::{Pipe, largest_folio};
-
-/// Most bytes one `sendfile` may hand over. The page cache is not ours to
-/// ration, but one call is one step of a pump's turn: this keeps a turn of
-/// 32 steps near the 2MiB that memory-sized steps make, for fairness
-/// between connections, while a slow receiver's socket takes what fits.
-const SENDFILE_STEP: usize = 256 * 1024;
-
-/// Disk is reserved ahead in steps of this size (within `--max-spill`),
-/// so that a steady spill makes one `fallocate` per step, not per read.
-const RESERVE_STEP: u64 = 1 << 20;
-
-/// File systems allocate in blocks; a hole can only be punched in whole ones.
-const BLOCK: u64 = 4096;
+use file::SpillFile;
+use zerocopy::Pipe;
 
 /// What one attempt to take bytes from the sender did.
 #[derive(Debug)]
@@ -112,8 +91,8 @@ enum Splice {
     /// Bulk has been seen (a read that filled memory, or a spill): bytes
     /// bound for memory are spliced into a pipe whenever the `Vec` is empty.
     Yes,
-    /// The kernel refused (no pipe to be had, or splice unsupported): the
-    /// `Vec` it is, for good.
+    /// The kernel refused (no pipe to be had, or splice unsupported), or a
+    /// protocol layer looks at the bytes: the `Vec` it is, for good.
     Never,
 }
 
@@ -126,37 +105,11 @@ pub struct SpillBuffer {
     /// Memory held in the kernel instead of `mem` (never both at once).
     pipe: Option<Pipe>,
     splice: Splice,
-    /// Cleared when `sendfile` is refused: the file's head is then read
-    /// back into memory before it is written.
-    can_sendfile: bool,
-
-    file: Option<File>,
-    /// Offset of the oldest byte still on disk.
-    file_head: u64,
-    /// Offset one past the newest byte on disk.
-    file_tail: u64,
-    /// Offset below which the file's blocks have been released.
-    punched: u64,
-    /// Block-aligned offset up to which disk is reserved and charged to
-    /// the budget (`>= file_tail`); the charge is `reserved - punched`.
-    reserved: u64,
-    /// Cleared when the file system cannot reserve space ahead
-    /// (`fallocate` unsupported); the budget is still charged.
-    can_reserve: bool,
-    budget: Arc<DiskBudget>,
-    /// Cleared when the file system refuses to punch holes; the file is
-    /// then only reclaimed when it empties.
-    can_punch: bool,
-    spill_limit: u64,
-    temp_dir: Arc<Path>,
-
+    /// What waits on disk, behind memory.
+    file: SpillFile,
     /// The last `fill` was a `read` that got fewer bytes than there was
     /// room for: the sender had nothing more at that moment.
     short_read: bool,
-    /// Bytes ever written to the file, for the close summary.
-    spilled_total: u64,
-    /// Why the last attempt to get disk space failed, until one succeeds.
-    blocked: Option<String>,
 }
 
 impl SpillBuffer {
@@ -176,20 +129,8 @@ impl SpillBuffer {
             mem_len: 0,
             pipe: None,
             splice: Splice::NotYet,
-            can_sendfile: true,
-            file: None,
-            file_head: 0,
-            file_tail: 0,
-            punched: 0,
-            reserved: 0,
-            can_reserve: true,
-            budget,
-            can_punch: true,
-            spill_limit,
-            temp_dir,
+            file: SpillFile::new(spill_limit, temp_dir, budget),
             short_read: false,
-            spilled_total: 0,
-            blocked: None,
         }
     }
 
@@ -209,17 +150,17 @@ impl SpillBuffer {
 
     /// Bytes waiting on disk.
     pub fn file_backlog(&self) -> u64 {
-        self.file_tail - self.file_head
+        self.file.backlog()
     }
 
     /// Bytes ever appended to the spill file.
     pub fn spilled_total(&self) -> u64 {
-        self.spilled_total
+        self.file.spilled_total()
     }
 
     /// Has any byte gone to disk yet?
     pub fn has_spilled(&self) -> bool {
-        self.spilled_total > 0
+        self.spilled_total() > 0
     }
 
     pub fn memory_limit(&self) -> usize {
@@ -227,13 +168,13 @@ impl SpillBuffer {
     }
 
     pub fn temp_dir(&self) -> &Path {
-        &self.temp_dir
+        self.file.temp_dir()
     }
 
     /// Can another byte be taken without breaking a limit? When false the
     /// caller stops reading from the sender: that is the backpressure.
     pub fn has_room(&self) -> bool {
-        self.memory_room() > 0 || self.file_backlog() < self.spill_limit
+        self.memory_room() > 0 || self.file.room() > 0
     }
 
     /// Room for new bytes in memory. Zero while anything is on disk, since
@@ -247,21 +188,53 @@ impl SpillBuffer {
         }
     }
 
+    /// Memory is full and the file has room: the next byte needs disk.
+    pub fn needs_disk(&self) -> bool {
+        self.memory_room() == 0 && self.file.room() > 0
+    }
+
+    /// Why the buffer could not get disk space last time it tried, if it
+    /// has not succeeded since.
+    pub fn disk_blocked(&self) -> Option<&str> {
+        self.file.blocked()
+    }
+
+    /// Disk this buffer holds now: reserved or written, not yet released.
+    pub fn disk_charge(&self) -> u64 {
+        self.file.disk_charge()
+    }
+
+    /// Did the last `fill` read fewer bytes than it had room for? From a
+    /// stream socket, that means its receive queue was empty after the
+    /// read (see `relay::Sender::short_read_drains`).
+    pub fn last_read_was_short(&self) -> bool {
+        self.short_read
+    }
+
     /// Take at most one read's worth of bytes from `src`. `scratch` carries
     /// bytes bound for the file; its length caps what one read may take.
     pub fn fill_from<R: Read>(&mut self, src: &mut R, scratch: &mut [u8]) -> Fill {
-        self.fill(src, None, scratch)
+        self.fill(src, None, scratch, usize::MAX)
     }
 
-    /// `fill_from`, where `fd` is `src`'s file descriptor if it has one:
-    /// once the stream is bulk, bytes bound for memory are then spliced
-    /// into a pipe rather than read.
-    pub fn fill<R: Read>(&mut self, src: &mut R, fd: Option<RawFd>, scratch: &mut [u8]) -> Fill {
+    /// `fill_from`, taking at most `max` bytes, where `fd` is `src`'s file
+    /// descriptor if it has one: once the stream is bulk, bytes bound for
+    /// memory are then spliced into a pipe rather than read.
+    pub fn fill<R: Read>(
+        &mut self,
+        src: &mut R,
+        fd: Option<RawFd>,
+        scratch: &mut [u8],
+        max: usize,
+    ) -> Fill {
         debug_assert!(self.has_room(), "fill called with no room");
+        debug_assert!(max > 0, "fill of nothing");
         self.short_read = false;
-        if self.memory_room() > 0 {
+        let room = self.memory_room();
+        if room > 0 {
+            let want = room.min(max);
             if let Some(fd) = fd.filter(|_| self.splice == Splice::Yes && self.mem_len == 0) {
-                if let Some(done) = self.splice_in(fd) {
+                if let Some(done) = self.splice_in(fd, want) {
                     self.check_invariants();
                     return done;
                 }
@@ -271,9 +244,10 @@ impl SpillBuffer {
             }
             self.make_tail_room();
             let start = self.mem_head + self.mem_len;
-            return match read_step(src, &mut self.mem[start..self.mem_limit]) {
+            let end = start + (self.mem_limit - start).min(max);
+            return match read_step(src, &mut self.mem[start..end]) {
                 Fill::Took(n) => {
-                    self.short_read = start + n < self.mem_limit;
+                    self.short_read = start + n < end;
                     self.mem_len += n;
                     if self.mem_len == self.mem_limit && self.splice == Splice::NotYet {
                         // The sender had a whole memory's worth waiting.
@@ -285,26 +259,13 @@ impl SpillBuffer {
                 other => other,
             };
         }
-        let want = (self.spill_limit - self.file_backlog()).min(scratch.len() as u64) as usize;
-        let want = match self
-            .open_file()
-            .map_err(Some)
-            .and_then(|()| self.reserve(want))
-        {
-            Ok(n) => {
-                self.blocked = None;
-                n
-            }
-            Err(cause) => {
-                self.blocked = Some(match &cause {
-                    None => "--max-disk reached".to_string(),
-                    Some(e) => e.to_string(),
-                });
-                return Fill::NoDisk(cause);
-            }
+        let want = self.file.room().min(scratch.len() as u64).min(max as u64) as usize;
+        let want = match self.file.make_room(want) {
+            Ok(n) => n,
+            Err(cause) => return Fill::NoDisk(cause),
         };
         match read_step(src, &mut scratch[..want]) {
-            Fill::Took(n) => match self.append_to_file(&scratch[..n]) {
+            Fill::Took(n) => match self.file.append(&scratch[..n]) {
                 Ok(()) => {
                     self.short_read = n < want;
                     if self.splice == Splice::NotYet {
@@ -319,12 +280,98 @@ impl SpillBuffer {
         }
     }
 
-    /// Splice what fits into memory from the socket `fd` into the pipe
-    /// (made on first use). `None` if the kernel will not (no pipe to be
-    /// had, or splicing unsupported): splicing stops for good and the
-    /// caller reads instead.
-    fn splice_in(&mut self, fd: RawFd) -> Option<Fill> {
-        let room = self.memory_room();
+    /// Put `bytes` of our own at the tail (a head we wrote, a decoded body,
+    /// a canned answer), by the same ladder as `fill`: memory while it has
+    /// room, then disk. Takes what fits now: `Took(n)` with `n` possibly
+    /// short of `bytes.len()`, or why nothing could be taken.
+    pub fn push(&mut self, bytes: &[u8]) -> Fill {
+        if bytes.is_empty() {
+            return Fill::Took(0);
+        }
+        if !self.has_room() {
+            return Fill::Full;
+        }
+        if self.memory_room() > 0 {
+            if let Err(e) = self.pipe_to_memory() {
+                return Fill::SpillFailed(e);
+            }
+            self.make_tail_room();
+            let start = self.mem_head + self.mem_len;
+            let n = (self.mem_limit - start).min(bytes.len());
+            self.mem[start..start + n].copy_from_slice(&bytes[..n]);
+            self.mem_len += n;
+            self.check_invariants();
+            return Fill::Took(n);
+        }
+        let want = self.file.room().min(bytes.len() as u64) as usize;
+        match self.file.make_room(want) {
+            Ok(n) => match self.file.append(&bytes[..n]) {
+                Ok(()) => Fill::Took(n),
+                Err(e) => Fill::SpillFailed(e),
+            },
+            Err(cause) => Fill::NoDisk(cause),
+        }
+    }
+
+    /// The oldest bytes held, without taking them: as many as are in
+    /// memory in one piece (bytes in the pipe, or on disk with memory
+    /// empty, are brought into memory first). Empty when nothing is held.
+    /// A buffer looked into is never spliced again, since a pipe cannot be
+    /// looked into.
+    pub fn peek(&mut self) -> io::Result<&[u8]> {
+        self.splice = Splice::Never;
+        self.pipe_to_memory()?;
+        if self.mem_len == 0 && self.file_backlog() > 0 {
+            self.take_from_file()?;
+        }
+        Ok(&self.mem[self.mem_head..self.mem_head + self.mem_len])
+    }
+
+    /// Drop the oldest `n` bytes, which `peek` showed.
+    pub fn consume(&mut self, n: usize) {
+        assert!(n <= self.mem_len, "consumed more than was peeked");
+        self.mem_head += n;
+        self.mem_len -= n;
+        self.after_memory_drained();
+        self.check_invariants();
+    }
+
+    /// Never use a pipe for this buffer's memory: its bytes are to be
+    /// looked at or sent more than once (`peek`, `write_from`).
+    pub fn no_splice(&mut self) {
+        debug_assert!(self.pipe.is_none(), "no_splice after a pipe was made");
+        self.splice = Splice::Never;
+    }
+
+    /// Give `dst` bytes held, starting `offset` bytes after the oldest,
+    /// without taking them: they stay held, so they can be sent again (a
+    /// request replayed on another connection). Only for a buffer that is
+    /// not spliced (`no_splice`) and not filled meanwhile.
+    pub fn write_from<W: Write>(&mut self, dst: &mut W, fd: Option<RawFd>, offset: u64) -> Drain {
+        debug_assert!(self.pipe.as_ref().is_none_or(|p| p.len() == 0));
+        if offset < self.mem_len as u64 {
+            let from = self.mem_head + offset as usize;
+            return write_step(dst, &self.mem[from..self.mem_head + self.mem_len]);
+        }
+        let in_file = offset - self.mem_len as u64;
+        if in_file >= self.file_backlog() {
+            return Drain::Empty;
+        }
+        if let Some(done) = fd.and_then(|fd| self.file.send_at(fd, in_file)) {
+            return done;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match self.file.read_at(in_file, &mut chunk) {
+            Ok(n) => write_step(dst, &chunk[..n]),
+            Err(e) => Drain::SpillFailed(e),
+        }
+    }
+
+    /// Splice up to `want` bytes from the socket `fd` into the pipe (made on
+    /// first use). `None` if the kernel will not (no pipe to be had, or
+    /// splicing unsupported): splicing stops for good and the caller reads
+    /// instead.
+    fn splice_in(&mut self, fd: RawFd, want: usize) -> Option<Fill> {
         if self.pipe.is_none() {
             match Pipe::new(self.mem_limit) {
                 Ok(Some(pipe)) => self.pipe = Some(pipe),
@@ -341,7 +388,7 @@ impl SpillBuffer {
             }
         }
         let pipe = self.pipe.as_mut().expect("made above");
-        match pipe.splice_from(fd, room) {
+        match pipe.splice_from(fd, want) {
             Ok(0) => Some(Fill::Eof),
             Ok(n) => Some(Fill::Took(n)),
             // The pipe knows whether it was out of slots or the socket
@@ -351,7 +398,7 @@ impl SpillBuffer {
             } else {
                 Fill::WouldBlock
             }),
-            Err(e) if refused(&e) => {
+            Err(e) if is_unsupported(&e) => {
                 log::debug!("splice from a socket refused ({e}); reading instead");
                 self.splice = Splice::Never;
                 None
@@ -408,7 +455,7 @@ impl SpillBuffer {
                         return Drain::Gave(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drain::WouldBlock,
-                    Err(e) if refused(&e) => {
+                    Err(e) if is_unsupported(&e) => {
                         log::debug!("splice to a socket refused ({e}); writing instead");
                         self.splice = Splice::Never;
                     }
@@ -423,12 +470,11 @@ impl SpillBuffer {
             if self.file_backlog() == 0 {
                 return Drain::Empty;
             }
-            if let Some(fd) = fd.filter(|_| self.can_sendfile) {
-                if let Some(done) = self.send_from_file(fd, unit) {
-                    return done;
-                }
+            if let Some(done) = fd.and_then(|fd| self.file.send_head(fd, unit)) {
+                self.check_invariants();
+                return done;
             }
-            if let Err(e) = self.refill_from_file() {
+            if let Err(e) = self.take_from_file() {
                 return Drain::SpillFailed(e);
             }
         }
@@ -442,13 +488,7 @@ impl SpillBuffer {
                 Ok(n) => {
                     self.mem_head += n;
                     self.mem_len -= n;
-                    if self.mem_len == 0 {
-                        self.mem_head = 0;
-                        if self.file_backlog() == 0 {
-                            // Empty: an idle connection holds no buffer.
-                            buffer_pool::give(std::mem::take(&mut self.mem));
-                        }
-                    }
+                    self.after_memory_drained();
                     self.check_invariants();
                     Drain::Gave(n)
                 }
@@ -459,44 +499,14 @@ impl SpillBuffer {
         }
     }
 
-    /// Hand the receiver up to `SENDFILE_STEP` bytes from the file's head
-    /// straight from the page cache. `None` if `sendfile` is refused (it is
-    /// then not tried again, and the caller reads the head back into
-    /// memory and writes it).
-    fn send_from_file(&mut self, fd: RawFd, unit: Option<usize>) -> Option<Drain> {
-        let file = self.file.as_ref().expect("a backlog implies a file");
-        let len = whole(self.file_backlog().min(SENDFILE_STEP as u64) as usize, unit);
-        match zerocopy::sendfile(fd, file, self.file_head, len) {
-            Ok(0) => {
-                log::debug!("sendfile gave nothing with {len} bytes on disk; reading instead");
-                self.can_sendfile = false;
-                None
+    /// Bytes left memory: rewind when it is empty, and give the buffer
+    /// back when nothing at all is held (an idle connection holds none).
+    fn after_memory_drained(&mut self) {
+        if self.mem_len == 0 {
+            self.mem_head = 0;
+            if self.file_backlog() == 0 {
+                buffer_pool::give(std::mem::take(&mut self.mem));
             }
-            Ok(n) => {
-                self.file_head += n as u64;
-                if let Err(e) = self.release_drained_file() {
-                    return Some(Drain::SpillFailed(e));
-                }
-                self.check_invariants();
-                Some(Drain::Gave(n))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Drain::WouldBlock),
-            Err(e) if refused(&e) => {
-                log::debug!("sendfile refused ({e}); reading instead");
-                self.can_sendfile = false;
-                None
-            }
-            // The errors of reading a file; anything else is the socket's
-            // (and consumed by this call: it must be reported now).
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EIO | libc::EFBIG | libc::EOVERFLOW | libc::ENXIO)
-                ) =>
-            {
-                Some(Drain::SpillFailed(e))
-            }
-            Err(e) => Some(Drain::SinkFailed(e)),
         }
     }
 
@@ -508,60 +518,14 @@ impl SpillBuffer {
         self.mem_len = 0;
         buffer_pool::give(std::mem::take(&mut self.mem));
         self.pipe = None;
-        self.close_file();
+        self.file.close();
         dropped
-    }
-
-    /// Did the last `fill` read fewer bytes than it had room for? From a
-    /// stream socket, that means its receive queue was empty after the
-    /// read (see `relay::Sender::short_read_drains`).
-    pub fn last_read_was_short(&self) -> bool {
-        self.short_read
-    }
-
-    /// Memory is full and the file has room: the next byte needs disk.
-    pub fn needs_disk(&self) -> bool {
-        self.memory_room() == 0 && self.file_backlog() < self.spill_limit
-    }
-
-    /// Why the buffer could not get disk space last time it tried, if it
-    /// has not succeeded since.
-    pub fn disk_blocked(&self) -> Option<&str> {
-        self.blocked.as_deref()
-    }
-
-    /// Disk this buffer holds now: reserved or written, not yet released.
-    pub fn disk_charge(&self) -> u64 {
-        self.reserved - self.punched
-    }
-
-    /// Close the file (the kernel frees an unlinked file's blocks) and give
-    /// its charge back to the budget.
-    fn close_file(&mut self) {
-        self.forget_file_bytes();
-        self.file = None;
-    }
-
-    /// The file holds nothing any more (closed, or cut to length 0): give
-    /// its charge back and count from its start again.
-    fn forget_file_bytes(&mut self) {
-        self.budget.release(self.disk_charge());
-        self.file_head = 0;
-        self.file_tail = 0;
-        self.punched = 0;
-        self.reserved = 0;
     }
 
     /// Has memory been a pipe? (Tests check that they took that path.)
     #[cfg(test)]
     pub(crate) fn spliced(&self) -> bool {
         self.pipe.is_some()
-    }
-
-    /// The spill file, if one is open (tests look at its allocated size).
-    #[cfg(test)]
-    fn file(&self) -> Option<&File> {
-        self.file.as_ref()
     }
 
     /// Memory is allocated on first use (an idle connection holds none).
@@ -590,107 +554,14 @@ impl SpillBuffer {
         }
     }
 
-    fn open_file(&mut self) -> io::Result<()> {
-        if self.file.is_none() {
-            self.file = Some(tempfile::tempfile_in(&*self.temp_dir)?);
-        }
-        Ok(())
-    }
-
-    /// Make sure up to `want` bytes past the tail have disk reserved and
-    /// charged; returns how many do (at least one), or why none can.
-    fn reserve(&mut self, want: usize) -> Result<usize, Option<io::Error>> {
-        let end = self.file_tail + want as u64;
-        if end > self.reserved {
-            // Ahead by a step, but never past what --max-spill allows.
-            let ahead = (self.reserved + RESERVE_STEP).min(self.file_head + self.spill_limit);
-            let needed = end.max(ahead).div_ceil(BLOCK) * BLOCK - self.reserved;
-            let granted = self.budget.charge_up_to(needed, BLOCK);
-            if granted > 0 && self.can_reserve {
-                let file = self.file.as_ref().expect("opened before reserving");
-                match fallocate(file, libc::FALLOC_FL_KEEP_SIZE, self.reserved, granted) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                        log::debug!("spill file: cannot reserve space here ({e}); writing without");
-                        self.can_reserve = false;
-                    }
-                    Err(e) => {
-                        self.budget.refund(granted);
-                        return self.reserved_room().ok_or(Some(e));
-                    }
-                }
-            }
-            self.reserved += granted;
-        }
-        self.reserved_room().ok_or(None).map(|room| room.min(want))
-    }
-
-    /// Bytes reserved past the tail, if any.
-    fn reserved_room(&self) -> Option<usize> {
-        let room = self.reserved - self.file_tail;
-        (room > 0).then_some(room.min(usize::MAX as u64) as usize)
-    }
-
-    fn append_to_file(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let file = self.file.as_ref().expect("opened before reading");
-        file.write_all_at(bytes, self.file_tail)?;
-        self.file_tail += bytes.len() as u64;
-        self.spilled_total += bytes.len() as u64;
-        Ok(())
-    }
-
     /// Move the oldest bytes of the file into (empty) memory.
-    fn refill_from_file(&mut self) -> io::Result<()> {
+    fn take_from_file(&mut self) -> io::Result<()> {
         debug_assert_eq!(self.mem_len, 0);
         self.ensure_mem();
-        let n = self.file_backlog().min(self.mem_limit as u64) as usize;
-        let file = self.file.as_ref().expect("a backlog implies a file");
-        file.read_exact_at(&mut self.mem[..n], self.file_head)?;
+        let n = self.file.take_head(&mut self.mem)?;
         self.mem_head = 0;
         self.mem_len = n;
-        self.file_head += n as u64;
-        self.release_drained_file()?;
         self.check_invariants();
-        Ok(())
-    }
-
-    /// Give back the disk space of bytes already moved out of the file.
-    fn release_drained_file(&mut self) -> io::Result<()> {
-        let file = self.file.as_ref().expect("called with a file");
-        if self.file_head == self.file_tail {
-            // Empty: rewind to the start so the file never grows past the
-            // largest backlog, and drop all its blocks (reserved ones too).
-            file.set_len(0)?;
-            self.forget_file_bytes();
-            // Nothing waits for disk any more: whatever kept it from being
-            // had is over for this backlog, and the next spill will say
-            // anew. (A receiver that keeps up may never need it again.)
-            self.blocked = None;
-            return Ok(());
-        }
-        // Whole folios only, so that no page still queued in a socket by
-        // `sendfile` is zeroed in place; see `zerocopy::largest_folio`.
-        let reclaimable = self.file_head / largest_folio() * largest_folio();
-        if self.can_punch && reclaimable > self.punched {
-            let len = reclaimable - self.punched;
-            match fallocate(
-                file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                self.punched,
-                len,
-            ) {
-                Ok(()) => {
-                    self.budget.release(len);
-                    self.punched = reclaimable;
-                }
-                Err(e) => {
-                    log::debug!(
-                        "spill file: cannot punch holes here ({e}); space is reclaimed when the file empties"
-                    );
-                    self.can_punch = false;
-                }
-            }
-        }
         Ok(())
     }
 
@@ -700,44 +571,14 @@ impl SpillBuffer {
             self.mem_len == 0 || self.pipe.as_ref().is_none_or(|p| p.len() == 0),
             "memory is a pipe or a Vec, never both"
         );
-        debug_assert_eq!(self.punched % largest_folio(), 0, "punched part of a folio");
         debug_assert!(self.mem_head + self.mem_len <= self.mem.len().max(self.mem_len));
-        debug_assert!(
-            self.file_head <= self.file_tail,
-            "file offsets out of order"
-        );
-        debug_assert!(self.punched <= self.file_head, "punched past live bytes");
-        debug_assert!(
-            self.file_tail <= self.reserved,
-            "written past the reservation"
-        );
-        debug_assert_eq!(self.reserved % BLOCK, 0, "reservations are whole blocks");
-        debug_assert!(
-            self.file_backlog() <= self.spill_limit,
-            "file over --max-spill"
-        );
-        debug_assert!(
-            self.file.is_some() || self.file_tail == 0,
-            "a backlog without a file"
-        );
     }
 }
 
 impl Drop for SpillBuffer {
     fn drop(&mut self) {
         buffer_pool::give(std::mem::take(&mut self.mem));
-        self.close_file();
     }
-}
-
-/// The kernel will not splice or send a file between these two: it says
-/// so before touching either, so nothing was consumed, and plain reads and
-/// writes can take over.
-fn refused(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE)
-    )
 }
 
 /// `len`, or its largest multiple of `unit` if that is not zero.
@@ -745,6 +586,19 @@ fn whole(len: usize, unit: Option<usize>) -> usize {
     match unit {
         Some(unit) if unit > 0 && len >= unit => len / unit * unit,
         _ => len,
+    }
+}
+
+/// One `write`, retried on EINTR, with its result put in `Drain` terms.
+fn write_step<W: Write>(dst: &mut W, bytes: &[u8]) -> Drain {
+    loop {
+        return match dst.write(bytes) {
+            Ok(0) => Drain::SinkFailed(io::ErrorKind::WriteZero.into()),
+            Ok(n) => Drain::Gave(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Drain::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Drain::SinkFailed(e),
+        };
     }
 }
 
@@ -759,26 +613,6 @@ fn read_step<R: Read>(src: &mut R, into: &mut [u8]) -> Fill {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => Fill::SourceFailed(e),
         };
-    }
-}
-
-/// `fallocate(2)`: reserve blocks (`KEEP_SIZE`) or release them
-/// (`PUNCH_HOLE | KEEP_SIZE`) without changing the file's size.
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate only reads its integer arguments; the fd is owned by
-    // `file`, which outlives the call.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -799,9 +633,12 @@ pub fn check_temp_dir(dir: &Path) -> io::Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use super::file::{BLOCK, RESERVE_STEP};
+    use super::zerocopy::largest_folio;
     use super::*;
     use std::collections::VecDeque;
     use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
 
     /// xorshift64*: deterministic, seedable, no dependency.
     struct Rng(u64);
@@ -882,7 +719,8 @@ mod tests {
     }
 
     fn allocated(buf: &SpillBuffer) -> u64 {
-        buf.file()
+        buf.file
+            .file()
             .map_or(0, |f| f.metadata().unwrap().blocks() * 512)
     }
 
@@ -978,6 +816,84 @@ mod tests {
         }
     }
 
+    /// A protocol layer's view: bytes filled from a sender, pushed by us,
+    /// looked at with `peek` and dropped with `consume`, interleaved with
+    /// drains at random, memory small so that the file is crossed often:
+    /// the same queue as a plain `VecDeque`, and `fill` never takes more
+    /// than its `max`.
+    #[test]
+    fn peek_consume_and_push_keep_the_queue_in_order() {
+        let (_dir, path) = temp_dir();
+        for seed in 1..=30u64 {
+            let mut rng = Rng(seed.wrapping_mul(0xA076_1D64_78BD_642F) | 1);
+            let mem_limit = 1 + rng.below(200) as usize;
+            let mut buf = SpillBuffer::new(mem_limit, 1 << 20, path.clone(), unlimited());
+            let mut model: VecDeque<u8> = VecDeque::new();
+            let mut scratch = vec![0u8; 1 + rng.below(500) as usize];
+            let mut next = 0u64;
+            let mut peeked = 0;
+            for _ in 0..4000 {
+                let mut op_rng = Rng(rng.next() | 1);
+                match rng.below(5) {
+                    0 if buf.has_room() => {
+                        let max = 1 + rng.below(300) as usize;
+                        let before = model.len();
+                        let mut src = Sender {
+                            rng: &mut op_rng,
+                            next_byte: next,
+                            sent: &mut model,
+                        };
+                        match buf.fill(&mut src, None, &mut scratch, max) {
+                            Fill::Took(n) => assert!(n <= max, "seed {seed}: took {n} > {max}"),
+                            Fill::WouldBlock => {}
+                            other => panic!("seed {seed}: {other:?}"),
+                        }
+                        next += (model.len() - before) as u64;
+                    }
+                    1 if buf.has_room() => {
+                        let len = rng.below(400) as usize;
+                        let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                        match buf.push(&bytes) {
+                            Fill::Took(n) => model.extend(&bytes[..n]),
+                            other => panic!("seed {seed}: {other:?}"),
+                        }
+                    }
+                    2 => {
+                        let head = buf.peek().unwrap().to_vec();
+                        let expect: Vec<u8> = model.iter().take(head.len()).copied().collect();
+                        assert_eq!(head, expect, "seed {seed}: peek shows the oldest bytes");
+                        assert!(
+                            model.is_empty() || !head.is_empty(),
+                            "seed {seed}: peek showed nothing with bytes held"
+                        );
+                        let k = if head.is_empty() {
+                            0
+                        } else {
+                            rng.below(head.len() as u64 + 1) as usize
+                        };
+                        buf.consume(k);
+                        model.drain(..k);
+                        peeked += 1;
+                    }
+                    _ => {
+                        let mut dst = Receiver {
+                            rng: &mut op_rng,
+                            got: Vec::new(),
+                        };
+                        match buf.drain(&mut dst, None, None) {
+                            Drain::Gave(_) | Drain::WouldBlock | Drain::Empty => {}
+                            other => panic!("seed {seed}: {other:?}"),
+                        }
+                        let expect: Vec<u8> = model.drain(..dst.got.len()).collect();
+                        assert_eq!(dst.got, expect, "seed {seed}: drained out of order");
+                    }
+                }
+                assert_eq!(buf.len(), model.len() as u64, "seed {seed}: length");
+            }
+            assert!(peeked > 100, "seed {seed}");
+        }
+    }
+
     #[test]
     fn the_file_is_truncated_when_the_backlog_drains() {
         let (_dir, path) = temp_dir();
@@ -996,7 +912,7 @@ mod tests {
         let mut out = Vec::new();
         while let Drain::Gave(_) = buf.drain_into(&mut out) {}
         assert_eq!(out, data);
-        let file = buf.file().expect("the file stays open for reuse");
+        let file = buf.file.file().expect("the file stays open for reuse");
         assert_eq!(file.metadata().unwrap().len(), 0, "truncated");
         assert_eq!(allocated(&buf), 0);
         assert_eq!(buf.spilled_total(), 100_000 - 16);
@@ -1026,7 +942,7 @@ mod tests {
             max_alloc = max_alloc.max(allocated(&buf));
         }
         assert!(buf.spilled_total() > 30 << 20);
-        if buf.can_punch {
+        if buf.file.can_punch {
             assert!(
                 max_alloc <= backlog + 2 * largest_folio() + 2 * chunk.len() as u64,
                 "disk use {max_alloc} tracks more than the backlog"
@@ -1092,7 +1008,7 @@ mod tests {
                         if was_on_disk && buf.file_backlog() == 0 {
                             truncations += 1;
                         }
-                        punched_max = punched_max.max(buf.punched);
+                        punched_max = punched_max.max(buf.file.punched);
                     }
                 }
                 _ => {
@@ -1107,7 +1023,7 @@ mod tests {
             }
         }
         assert!(
-            buf.can_sendfile,
+            buf.file.can_sendfile,
             "sendfile was refused here: nothing tested"
         );
         let expected: Vec<u8> = (0..total).map(byte).collect();
@@ -1126,7 +1042,7 @@ mod tests {
             truncations >= 3,
             "the file emptied only {truncations} times"
         );
-        if buf.can_punch {
+        if buf.file.can_punch {
             assert!(punched_max > 0, "never punched");
         }
     }

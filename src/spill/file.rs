@@ -1,0 +1,358 @@
+//! The spill file: the part of a direction's backlog that waits on disk.
+//!
+//! An unnamed temporary file (`O_TMPFILE`, mode 0600), made on first need
+//! in `--temp-dir`, holding the bytes `head .. tail`. It knows nothing of
+//! the memory in front of it; `SpillBuffer` decides when bytes come here.
+//!
+//! Disk space is reserved (`fallocate`, keeping the file size) and charged
+//! to the shared `DiskBudget` *before* bytes are read from the sender, so
+//! that when the disk is full, over quota or `--max-disk` is reached,
+//! nothing has been read that could not be stored. Disk use follows the
+//! backlog: when the file empties it is truncated to zero and both offsets
+//! rewind; a file that never empties has its sent head released with
+//! `FALLOC_FL_PUNCH_HOLE`, in whole `largest_folio()` steps (see
+//! `zerocopy::largest_folio`: never part of a page a socket may still be
+//! sending). Bytes are only appended past everything sent and the file is
+//! only truncated to zero, so no page handed to a socket changes in flight.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::Drain;
+use super::zerocopy::{self, largest_folio};
+use crate::disk::DiskBudget;
+use crate::io_error::{is_file_read_error, is_unsupported};
+
+/// Most bytes one `sendfile` may hand over. The page cache is not ours to
+/// ration, but one call is one step of a pump's turn: this keeps a turn of
+/// 32 steps near the 2MiB that memory-sized steps make, for fairness
+/// between connections, while a slow receiver's socket takes what fits.
+const SENDFILE_STEP: usize = 256 * 1024;
+
+/// Disk is reserved ahead in steps of this size (within `--max-spill`),
+/// so that a steady spill makes one `fallocate` per step, not per read.
+pub const RESERVE_STEP: u64 = 1 << 20;
+
+/// File systems allocate in blocks; a hole can only be punched in whole ones.
+pub const BLOCK: u64 = 4096;
+
+pub struct SpillFile {
+    file: Option<File>,
+    /// Offset of the oldest byte still on disk.
+    head: u64,
+    /// Offset one past the newest byte on disk.
+    tail: u64,
+    /// Offset below which the file's blocks have been released.
+    pub(super) punched: u64,
+    /// Block-aligned offset up to which disk is reserved and charged to the
+    /// budget (`>= tail`); the charge is `reserved - punched`.
+    reserved: u64,
+    /// Cleared when the file system cannot reserve space ahead
+    /// (`fallocate` unsupported); the budget is still charged.
+    can_reserve: bool,
+    /// Cleared when the file system refuses to punch holes; the file is
+    /// then only reclaimed when it empties.
+    pub(super) can_punch: bool,
+    /// Cleared when `sendfile` is refused: the head is then read back into
+    /// memory before it is written.
+    pub(super) can_sendfile: bool,
+    budget: Arc<DiskBudget>,
+    /// `--max-spill`: the most bytes waiting here.
+    limit: u64,
+    temp_dir: Arc<Path>,
+    /// Bytes ever appended, for the close summary.
+    spilled_total: u64,
+    /// Why the last attempt to get disk space failed, until one succeeds.
+    blocked: Option<String>,
+}
+
+impl SpillFile {
+    pub fn new(limit: u64, temp_dir: Arc<Path>, budget: Arc<DiskBudget>) -> SpillFile {
+        SpillFile {
+            file: None,
+            head: 0,
+            tail: 0,
+            punched: 0,
+            reserved: 0,
+            can_reserve: true,
+            can_punch: true,
+            can_sendfile: true,
+            budget,
+            limit,
+            temp_dir,
+            spilled_total: 0,
+            blocked: None,
+        }
+    }
+
+    /// Bytes waiting here.
+    pub fn backlog(&self) -> u64 {
+        self.tail - self.head
+    }
+
+    /// Bytes that may still come before `--max-spill` is reached.
+    pub fn room(&self) -> u64 {
+        self.limit - self.backlog()
+    }
+
+    pub fn spilled_total(&self) -> u64 {
+        self.spilled_total
+    }
+
+    pub fn temp_dir(&self) -> &Path {
+        &self.temp_dir
+    }
+
+    pub fn blocked(&self) -> Option<&str> {
+        self.blocked.as_deref()
+    }
+
+    /// Disk held now: reserved or written, not yet released.
+    pub fn disk_charge(&self) -> u64 {
+        self.reserved - self.punched
+    }
+
+    /// Make sure up to `want` bytes past the tail have disk reserved and
+    /// charged, making the file on first need: how many do (at least one),
+    /// or why none can (`None`: `--max-disk` reached).
+    pub fn make_room(&mut self, want: usize) -> Result<usize, Option<io::Error>> {
+        let outcome = self.open().map_err(Some).and_then(|()| self.reserve(want));
+        self.blocked = match &outcome {
+            Ok(_) => None,
+            Err(None) => Some("--max-disk reached".to_string()),
+            Err(Some(e)) => Some(e.to_string()),
+        };
+        outcome
+    }
+
+    fn open(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(tempfile::tempfile_in(&*self.temp_dir)?);
+        }
+        Ok(())
+    }
+
+    fn reserve(&mut self, want: usize) -> Result<usize, Option<io::Error>> {
+        let end = self.tail + want as u64;
+        if end > self.reserved {
+            // Ahead by a step, but never past what --max-spill allows.
+            let ahead = (self.reserved + RESERVE_STEP).min(self.head + self.limit);
+            let needed = end.max(ahead).div_ceil(BLOCK) * BLOCK - self.reserved;
+            let granted = self.budget.charge_up_to(needed, BLOCK);
+            if granted > 0 && self.can_reserve {
+                let file = self.file.as_ref().expect("opened before reserving");
+                match fallocate(file, libc::FALLOC_FL_KEEP_SIZE, self.reserved, granted) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        log::debug!("spill file: cannot reserve space here ({e}); writing without");
+                        self.can_reserve = false;
+                    }
+                    Err(e) => {
+                        self.budget.refund(granted);
+                        return self.reserved_room().ok_or(Some(e));
+                    }
+                }
+            }
+            self.reserved += granted;
+        }
+        self.reserved_room().ok_or(None).map(|room| room.min(want))
+    }
+
+    /// Bytes reserved past the tail, if any.
+    fn reserved_room(&self) -> Option<usize> {
+        let room = self.reserved - self.tail;
+        (room > 0).then_some(room.min(usize::MAX as u64) as usize)
+    }
+
+    /// Append bytes read into space `make_room` granted.
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let file = self.file.as_ref().expect("opened before appending");
+        file.write_all_at(bytes, self.tail)?;
+        self.tail += bytes.len() as u64;
+        self.spilled_total += bytes.len() as u64;
+        self.check_invariants();
+        Ok(())
+    }
+
+    /// Move the oldest bytes (as many as fit in `into`) out of the file.
+    pub fn take_head(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        let n = self.backlog().min(into.len() as u64) as usize;
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        file.read_exact_at(&mut into[..n], self.head)?;
+        self.advance(n)?;
+        Ok(n)
+    }
+
+    /// Hand the socket `fd` up to `SENDFILE_STEP` bytes of the head (whole
+    /// multiples of `unit` if given) straight from the page cache. `None`
+    /// if `sendfile` is refused: it is then not tried again, and the caller
+    /// takes the head into memory and writes it.
+    pub fn send_head(&mut self, fd: RawFd, unit: Option<usize>) -> Option<Drain> {
+        if !self.can_sendfile {
+            return None;
+        }
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        let len = super::whole(self.backlog().min(SENDFILE_STEP as u64) as usize, unit);
+        match zerocopy::sendfile(fd, file, self.head, len) {
+            Ok(0) => {
+                log::debug!("sendfile gave nothing with {len} bytes on disk; reading instead");
+                self.can_sendfile = false;
+                None
+            }
+            Ok(n) => Some(match self.advance(n) {
+                Ok(()) => Drain::Gave(n),
+                Err(e) => Drain::SpillFailed(e),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Drain::WouldBlock),
+            Err(e) if is_unsupported(&e) => {
+                log::debug!("sendfile refused ({e}); reading instead");
+                self.can_sendfile = false;
+                None
+            }
+            // The errors of reading a file; anything else is the socket's
+            // (and consumed by this call: it must be reported now).
+            Err(e) if is_file_read_error(&e) => Some(Drain::SpillFailed(e)),
+            Err(e) => Some(Drain::SinkFailed(e)),
+        }
+    }
+
+    /// `send_head` without taking: up to `SENDFILE_STEP` bytes from `pos`
+    /// bytes past the head. `None` if `sendfile` is refused.
+    pub fn send_at(&mut self, fd: RawFd, pos: u64) -> Option<Drain> {
+        if !self.can_sendfile {
+            return None;
+        }
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        let len = (self.backlog() - pos).min(SENDFILE_STEP as u64) as usize;
+        match zerocopy::sendfile(fd, file, self.head + pos, len) {
+            Ok(0) => {
+                self.can_sendfile = false;
+                None
+            }
+            Ok(n) => Some(Drain::Gave(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Drain::WouldBlock),
+            Err(e) if is_unsupported(&e) => {
+                self.can_sendfile = false;
+                None
+            }
+            Err(e) if is_file_read_error(&e) => Some(Drain::SpillFailed(e)),
+            Err(e) => Some(Drain::SinkFailed(e)),
+        }
+    }
+
+    /// Read bytes from `pos` past the head into `into`, without taking.
+    pub fn read_at(&self, pos: u64, into: &mut [u8]) -> io::Result<usize> {
+        let n = (self.backlog() - pos).min(into.len() as u64) as usize;
+        let file = self.file.as_ref().expect("a backlog implies a file");
+        file.read_exact_at(&mut into[..n], self.head + pos)?;
+        Ok(n)
+    }
+
+    /// `n` bytes left the head: give back the disk space of what has gone.
+    fn advance(&mut self, n: usize) -> io::Result<()> {
+        self.head += n as u64;
+        let file = self.file.as_ref().expect("called with a file");
+        if self.head == self.tail {
+            // Empty: rewind to the start so the file never grows past the
+            // largest backlog, and drop all its blocks (reserved ones too).
+            file.set_len(0)?;
+            self.forget_bytes();
+            // Nothing waits for disk any more: whatever kept it from being
+            // had is over for this backlog, and the next spill will say
+            // anew. (A receiver that keeps up may never need it again.)
+            self.blocked = None;
+            return Ok(());
+        }
+        // Whole folios only, so that no page still queued in a socket by
+        // `sendfile` is zeroed in place; see `zerocopy::largest_folio`.
+        let reclaimable = self.head / largest_folio() * largest_folio();
+        if self.can_punch && reclaimable > self.punched {
+            let len = reclaimable - self.punched;
+            match fallocate(
+                file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                self.punched,
+                len,
+            ) {
+                Ok(()) => {
+                    self.budget.release(len);
+                    self.punched = reclaimable;
+                }
+                Err(e) => {
+                    log::debug!(
+                        "spill file: cannot punch holes here ({e}); space is reclaimed when the file empties"
+                    );
+                    self.can_punch = false;
+                }
+            }
+        }
+        self.check_invariants();
+        Ok(())
+    }
+
+    /// Close the file (the kernel frees an unlinked file's blocks) and give
+    /// its charge back to the budget.
+    pub fn close(&mut self) {
+        self.forget_bytes();
+        self.file = None;
+    }
+
+    /// The file holds nothing any more (closed, or cut to length 0): give
+    /// its charge back and count from its start again.
+    fn forget_bytes(&mut self) {
+        self.budget.release(self.disk_charge());
+        self.head = 0;
+        self.tail = 0;
+        self.punched = 0;
+        self.reserved = 0;
+    }
+
+    /// The file, if one is open (tests look at its allocated size).
+    #[cfg(test)]
+    pub(super) fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    fn check_invariants(&self) {
+        debug_assert_eq!(self.punched % largest_folio(), 0, "punched part of a folio");
+        debug_assert!(self.head <= self.tail, "file offsets out of order");
+        debug_assert!(self.punched <= self.head, "punched past live bytes");
+        debug_assert!(self.tail <= self.reserved, "written past the reservation");
+        debug_assert_eq!(self.reserved % BLOCK, 0, "reservations are whole blocks");
+        debug_assert!(self.backlog() <= self.limit, "file over --max-spill");
+        debug_assert!(
+            self.file.is_some() || self.tail == 0,
+            "a backlog without a file"
+        );
+    }
+}
+
+impl Drop for SpillFile {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// `fallocate(2)`: reserve blocks (`KEEP_SIZE`) or release them
+/// (`PUNCH_HOLE | KEEP_SIZE`) without changing the file's size.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by
+    // `file`, which outlives the call.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
