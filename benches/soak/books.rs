@@ -34,7 +34,7 @@ use crate::plan::Cut;
 /// record before the books take it that no backend read a hello for it
 /// (a flapper reset it in the listen backlog, or it was cut before its
 /// hello went out).
-const BACKEND_GRACE: Duration = Duration::from_secs(3);
+const BACKEND_GRACE: Duration = Duration::from_secs(10);
 
 /// Violation messages kept in full; the rest are counted.
 const KEEP_MESSAGES: usize = 40;
@@ -79,6 +79,10 @@ pub struct Figures {
     /// only bounded (a reset on the path).
     pub exact: u64,
     pub bounded: u64,
+    /// Exact connections with bytes dropped: the proxy's drop count
+    /// checked to the byte (a client that kept sending after its backend
+    /// finished, a vanished client's response).
+    pub exact_dropping: u64,
     /// Bytes sent that are neither received nor dropped where the books
     /// say they must be: must be 0.
     pub losses: u64,
@@ -88,6 +92,7 @@ pub struct Figures {
     pub no_backend: u64,
     pub idle_timeouts: u64,
     pub kept_sending: u64,
+    pub kept_sending_exact: u64,
     pub by_backend: Vec<u64>,
 }
 
@@ -615,6 +620,8 @@ fn check(
     let exact = lo == hi;
     if exact {
         f.exact += 1;
+        f.exact_dropping += u64::from(dropped > 0);
+        f.kept_sending_exact += u64::from(c.sent_after_eof);
     } else {
         f.bounded += 1;
     }

@@ -482,7 +482,7 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
     let (violations, shown) = world.books.violations();
     let (closes, max_conn_id) = world.books.conn_ids();
     println!(
-        "soak: {} clients over {:.0}s of load (+{:.0}s warm-up), {} close lines (conn ids up to {}), {} log lines in {} files, {} of {} connections exact, the rest within bounds",
+        "soak: {} clients over {:.0}s of load (+{:.0}s warm-up), {} close lines (conn ids up to {}), {} log lines in {} files, {} of {} connections exact ({} of them with bytes dropped, {} of the {} that kept sending after their response ended), the rest within bounds",
         figures.connections,
         load_secs,
         WARMUP.as_secs_f64(),
@@ -491,7 +491,10 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         stats.lines,
         stats.segments,
         figures.exact,
-        figures.connections
+        figures.connections,
+        figures.exact_dropping,
+        figures.kept_sending_exact,
+        figures.kept_sending
     );
     println!(
         "soak: proxy at the end: {} fds (start {}), {} threads (start {}), {} KiB RSS (after warm-up {}), {} spill files, tmpfs {} bytes used; exit {status}",
