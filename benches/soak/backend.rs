@@ -644,23 +644,14 @@ impl Session<'_> {
                 }
             }
             // Read while what waits to go back is small: the echo's own
-            // backpressure, so it never holds more than a few windows.
-            if self.reading() && pending.len() - at < 4 * data::WINDOW {
-                let want =
-                    (total.saturating_sub(self.rec.received) as usize).clamp(1, data::WINDOW);
-                let before = self.rec.received;
-                match self.read_some(want) {
+            // backpressure, so it never holds more than a few windows. The
+            // hello was read before: everything read now is body, sent back
+            // as it was checked.
+            let want = total.saturating_sub(self.rec.received) as usize;
+            if self.reading() && want > 0 && pending.len() - at < 4 * data::WINDOW {
+                match self.read_some(want.min(data::WINDOW)) {
                     Step::Moved(n) => {
-                        let start = self.buf.len().min(n);
-                        debug_assert_eq!(start, n);
-                        // The bytes just checked: the echo sends them back.
                         pending.extend_from_slice(&self.buf[..n]);
-                        // The hello is not echoed: only the body.
-                        if before < HEAD as u64 {
-                            let skip = (HEAD as u64 - before).min(n as u64) as usize;
-                            let from = pending.len() - n;
-                            pending.drain(from..from + skip);
-                        }
                         progressed = true;
                     }
                     Step::WouldBlock => {}

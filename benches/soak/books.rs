@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, BackendRecord, Kind};
 use crate::client::{ClientRecord, ReadEnd};
-use crate::data::Writer;
+use crate::data::{HEAD, Writer};
 use crate::net;
 use crate::plan::Cut;
 
@@ -253,8 +253,13 @@ impl Books {
                 let Some(seen) = e.close_seen else {
                     return false;
                 };
+                // Less than a hello's worth relayed: no backend can come
+                // to know this id, so there is nothing to wait for.
+                let hello_relayed = e.close.as_ref().is_some_and(|c| c.up_bytes >= HEAD as u64);
                 last || e.open_backends == 0
-                    && (!e.backends.is_empty() || now.duration_since(seen) >= BACKEND_GRACE)
+                    && (!e.backends.is_empty()
+                        || !hello_relayed
+                        || now.duration_since(seen) >= BACKEND_GRACE)
             })
             .map(|(id, _)| *id)
             .collect();

@@ -367,7 +367,7 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
     // Warm-up: the mix without faults, at the connection limit, so that
     // the proxy's buffer pools and pipes reach their working size.
     let warm = Shape::Flat(MAX_CONNECTIONS);
-    load(&world, WARMUP, warm, &mut next_id);
+    load(&world, WARMUP, warm, &mut next_id, proxy.pid);
     let warm_ok = wait_quiet(&world, WARMUP_DRAIN);
     let after_warmup = Resources::of(&proxy, disk.as_ref());
     if !warm_ok {
@@ -390,6 +390,9 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
     let faults_stop = AtomicBool::new(false);
     let main_start = Instant::now();
     thread::scope(|scope| {
+        // However the load ends (a panic too), the faults stop, or the
+        // scope would wait for them for ever.
+        let _stop = SetOnDrop(&faults_stop);
         let f = faults::Faults {
             world: &world,
             backends: &backends,
@@ -406,7 +409,7 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
             high: opts.clients,
             period: Duration::from_secs(20),
         };
-        load(&world, opts.duration, wave, &mut next_id);
+        load(&world, opts.duration, wave, &mut next_id, proxy.pid);
         faults_stop.store(true, Ordering::Relaxed);
         let _ = faults_thread.join();
     });
@@ -425,41 +428,43 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         wait_threads(&world, Duration::from_secs(10));
     }
 
-    // The proxy, idle: back to its baseline.
-    let end = wait_resources(&proxy, disk.as_ref(), &base, used_at_start);
-    let leaks = [
-        ("fds", end.fds as u64, base.fds as u64),
-        ("threads", end.threads as u64, base.threads as u64),
-        ("spill files", end.spill_files as u64, 0),
-        (
-            "tmpfs bytes in use",
-            end.disk_used.unwrap_or(0),
-            used_at_start,
-        ),
-    ];
-    for (what, now, then) in leaks {
-        if now != then {
+    // The proxy, idle: back to its baseline. (Unless it died: that is
+    // booked already, and a dead process has nothing left to look at.)
+    let end = alive(proxy.pid).then(|| wait_resources(&proxy, disk.as_ref(), &base, used_at_start));
+    if let Some(end) = &end {
+        let leaks = [
+            ("fds", end.fds as u64, base.fds as u64),
+            ("threads", end.threads as u64, base.threads as u64),
+            ("spill files", end.spill_files as u64, 0),
+            (
+                "tmpfs bytes in use",
+                end.disk_used.unwrap_or(0),
+                used_at_start,
+            ),
+        ];
+        for (what, now, then) in leaks {
+            if now != then {
+                world.books.note(format!(
+                    "the idle proxy holds {now} {what} (at start: {then}): leaked"
+                ));
+            }
+        }
+        if end.spill_files > 0 {
+            let files: Vec<String> = proxy
+                .spill_files()
+                .iter()
+                .map(|f| format!("{f:?}"))
+                .collect();
+            world
+                .books
+                .note(format!("spill files still open: {}", files.join(", ")));
+        }
+        if end.rss_kib > 2 * after_warmup.rss_kib {
             world.books.note(format!(
-                "the idle proxy holds {now} {what} (at start: {then}): leaked"
+                "RSS {} KiB at the end, more than twice the {} KiB after warm-up",
+                end.rss_kib, after_warmup.rss_kib
             ));
         }
-    }
-    if end.spill_files > 0 {
-        let files: Vec<String> = proxy
-            .spill_files()
-            .iter()
-            .map(|f| format!("{f:?}"))
-            .collect();
-        world
-            .books
-            .note(format!("spill files still open: {}", files.join(", ")));
-    }
-    let rss_ok = end.rss_kib <= 2 * after_warmup.rss_kib;
-    if !rss_ok {
-        world.books.note(format!(
-            "RSS {} KiB at the end, more than twice the {} KiB after warm-up",
-            end.rss_kib, after_warmup.rss_kib
-        ));
     }
 
     // SIGTERM: a graceful shutdown with nothing left to drain, exit 0.
@@ -496,17 +501,20 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         figures.kept_sending_exact,
         figures.kept_sending
     );
-    println!(
-        "soak: proxy at the end: {} fds (start {}), {} threads (start {}), {} KiB RSS (after warm-up {}), {} spill files, tmpfs {} bytes used; exit {status}",
-        end.fds,
-        base.fds,
-        end.threads,
-        base.threads,
-        end.rss_kib,
-        after_warmup.rss_kib,
-        end.spill_files,
-        end.disk_used.map_or("-".into(), |u| u.to_string())
-    );
+    match &end {
+        Some(end) => println!(
+            "soak: proxy at the end: {} fds (start {}), {} threads (start {}), {} KiB RSS (after warm-up {}), {} spill files, tmpfs {} bytes used; {status}",
+            end.fds,
+            base.fds,
+            end.threads,
+            base.threads,
+            end.rss_kib,
+            after_warmup.rss_kib,
+            end.spill_files,
+            end.disk_used.map_or("-".into(), |u| u.to_string())
+        ),
+        None => println!("soak: the proxy had died before the end: {status}"),
+    }
     let fault = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
         "soak: seed={} duration={} connections={} bytes_up={} bytes_down={} spilled={} dropped={} faults{{client_reset={}, vanish={}, backend_reset={}, refused={}, no_backend={}, blackhole={}, flaps={}, outages={}, disk_full={}, max_disk_hits={}, max_conn_hits={}, idle_timeouts={}, kept_sending={}, sighup={}}} losses={} violations={}",
@@ -568,6 +576,14 @@ fn blackhole_index(kinds: &[backend::Kind]) -> usize {
         .expect("a blackhole")
 }
 
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// How many clients should be live at `t` into a phase.
 #[derive(Clone, Copy)]
 enum Shape {
@@ -595,10 +611,17 @@ impl Shape {
 
 /// Start clients for `duration`, keeping as many live as `shape` says, at
 /// most SPAWN_RATE a second.
-fn load(world: &Arc<World>, duration: Duration, shape: Shape, next_id: &mut u64) {
+fn load(world: &Arc<World>, duration: Duration, shape: Shape, next_id: &mut u64, pid: u32) {
     let start = Instant::now();
     let mut spawned = 0u64;
     while start.elapsed() < duration && !world.abort.load(Ordering::Relaxed) {
+        if !alive(pid) {
+            world.books.note(format!(
+                "the proxy (pid {pid}) exited in the middle of the run"
+            ));
+            world.abort.store(true, Ordering::SeqCst);
+            return;
+        }
         let allowed = (start.elapsed().as_secs_f64() * SPAWN_RATE) as u64 + 1;
         let target = shape.target(start.elapsed());
         while world.live_clients.load(Ordering::SeqCst) < target && spawned < allowed {
@@ -608,6 +631,22 @@ fn load(world: &Arc<World>, duration: Duration, shape: Shape, next_id: &mut u64)
         }
         thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Is our child `pid` still running (not exited and waiting to be reaped)?
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 fn spawn_client(world: &Arc<World>, id: u64) {
