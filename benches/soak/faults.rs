@@ -16,8 +16,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::World;
-use crate::backend::Backends;
+use crate::backend::{Backend, Backends, Kind};
 use crate::plan::Rng;
+
+/// How long a backend listening again after an outage may go without a
+/// connection. --fail-timeout is 1s: a backend is tried again a second
+/// after it was marked down, or a few seconds if trials failed while it
+/// was still down; at the soak's rate every backend in the pool gets
+/// several connections a second.
+const RECOVERY: Duration = Duration::from_secs(15);
 
 /// A tmpfs mounted for the run, unmounted on drop.
 pub struct Tmpfs {
@@ -129,6 +136,16 @@ pub struct Injected {
     pub flaps: AtomicU64,
     pub outages: AtomicU64,
     pub disk_full: AtomicU64,
+    /// Backends seen serving again after an outage, and those not.
+    pub recovered: AtomicU64,
+    pub not_recovered: AtomicU64,
+}
+
+/// A backend back from an outage, and its accept count then.
+struct Watch<'a> {
+    backend: &'a Backend,
+    since: Instant,
+    accepted: u64,
 }
 
 pub struct Faults<'a> {
@@ -154,8 +171,10 @@ impl Faults<'_> {
         let mut next_fill = start + rng.millis(5_000, 12_000);
         let mut ballast: Option<(File, Instant)> = None;
         let flapper = self.backends.flapper();
+        let mut watches: Vec<Watch> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) && !self.world.abort.load(Ordering::Relaxed) {
             let now = Instant::now();
+            watches.retain(|w| !self.recovered(w, now));
             if now >= next_sighup {
                 self.rotate();
                 next_sighup = Instant::now() + rng.millis(4_000, 9_000);
@@ -182,6 +201,20 @@ impl Faults<'_> {
                 thread::sleep(rng.millis(300, 1_000));
                 self.backends.set_all_up(true);
                 flapper.up.store(flapper_up, Ordering::Relaxed);
+                // Each must be back in the pool soon: watch all but the
+                // flapper, which has its own ups and downs.
+                let since = Instant::now();
+                watches = self
+                    .backends
+                    .list
+                    .iter()
+                    .filter(|b| !matches!(b.kind, Kind::Refuser | Kind::Flapper))
+                    .map(|b| Watch {
+                        backend: b,
+                        since,
+                        accepted: b.accepted.load(Ordering::Relaxed),
+                    })
+                    .collect();
                 next_outage = Instant::now() + rng.millis(20_000, 40_000);
             }
             if let Some(disk) = self.disk {
@@ -212,6 +245,28 @@ impl Faults<'_> {
             disk.empty(file);
         }
         self.backends.set_all_up(true);
+    }
+
+    /// Is `w` decided by `now`? A backend listening again for RECOVERY
+    /// since an outage must have had a connection by then: the proxy takes
+    /// a backend out after --max-fails refused connects, and must let one
+    /// connection try it again after --fail-timeout (doubling only while
+    /// those trials fail), so a short outage keeps no backend out for long.
+    fn recovered(&self, w: &Watch, now: Instant) -> bool {
+        if now < w.since + RECOVERY {
+            return false;
+        }
+        if w.backend.accepted.load(Ordering::Relaxed) > w.accepted {
+            self.injected.recovered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.injected.not_recovered.fetch_add(1, Ordering::Relaxed);
+            self.world.books.note(format!(
+                "backend {} ({}) has listened again for {RECOVERY:?} since an outage and the proxy sent it no connection: it keeps it marked down (at --log-level debug: \"still down ... next try in\", doubled at each client that came during the outage)",
+                w.backend.addr,
+                w.backend.kind.name()
+            ));
+        }
+        true
     }
 
     /// logrotate: rename the file, SIGHUP, and wait until the proxy says in

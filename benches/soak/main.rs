@@ -50,8 +50,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use books::Books;
 use plan::{MIB, Plan};
 
-const USAGE: &str =
-    "usage: cargo bench --bench soak -- [--duration 60s] [--seed N] [--workers N] [--clients N]";
+const USAGE: &str = "usage: cargo bench --bench soak -- [--duration 60s] [--seed N] [--workers N] [--clients N] [--keep]";
 
 /// Load without faults before the baseline memory figure is taken, and
 /// how long its connections may take to finish.
@@ -130,6 +129,8 @@ struct Options {
     seed: u64,
     workers: u32,
     clients: u32,
+    /// Keep the proxy's logs even when the run passes.
+    keep: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -158,6 +159,7 @@ impl Options {
                 ^ u64::from(std::process::id()) << 32,
             workers: 2,
             clients: 96,
+            keep: false,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -180,6 +182,7 @@ impl Options {
                 "--clients" => {
                     opts.clients = value()?.parse().map_err(|e| format!("--clients: {e}"))?
                 }
+                "--keep" => opts.keep = true,
                 // `cargo bench` passes this to every bench binary.
                 "--bench" => {}
                 other => return Err(format!("unknown argument {other:?}")),
@@ -235,7 +238,7 @@ fn show(d: Duration) -> String {
     let s = d.as_secs();
     if s % 3600 == 0 {
         format!("{}h", s / 3600)
-    } else if s % 60 == 0 && s >= 600 {
+    } else if s % 60 == 0 && s > 60 {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
@@ -501,6 +504,15 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         figures.kept_sending_exact,
         figures.kept_sending
     );
+    let per_backend: Vec<String> = backends_kinds()
+        .iter()
+        .zip(&figures.by_backend)
+        .map(|(k, n)| format!("{}={n}", k.name()))
+        .collect();
+    println!(
+        "soak: connections by the backend their close line names: {}",
+        per_backend.join(" ")
+    );
     match &end {
         Some(end) => println!(
             "soak: proxy at the end: {} fds (start {}), {} threads (start {}), {} KiB RSS (after warm-up {}), {} spill files, tmpfs {} bytes used; {status}",
@@ -517,7 +529,7 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
     }
     let fault = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
-        "soak: seed={} duration={} connections={} bytes_up={} bytes_down={} spilled={} dropped={} faults{{client_reset={}, vanish={}, backend_reset={}, refused={}, no_backend={}, blackhole={}, flaps={}, outages={}, disk_full={}, max_disk_hits={}, max_conn_hits={}, idle_timeouts={}, kept_sending={}, sighup={}}} losses={} violations={}",
+        "soak: seed={} duration={} connections={} bytes_up={} bytes_down={} spilled={} dropped={} faults{{client_reset={}, vanish={}, backend_reset={}, refused={}, no_backend={}, blackhole={}, flaps={}, outages={}, back_after_outage={}/{}, disk_full={}, max_disk_hits={}, max_conn_hits={}, idle_timeouts={}, kept_sending={}, sighup={}}} losses={} violations={}",
         opts.seed,
         show(opts.duration),
         figures.connections,
@@ -533,6 +545,8 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         figures.by_backend[blackhole_index(&backends_kinds())],
         fault(&injected.flaps),
         fault(&injected.outages),
+        fault(&injected.recovered),
+        fault(&injected.recovered) + fault(&injected.not_recovered),
         if disk.is_some() {
             format!("{}/{}", stats.disk_full, fault(&injected.disk_full))
         } else {
@@ -547,6 +561,12 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         violations
     );
     let failed = violations > 0 || figures.losses > 0;
+    if opts.keep && !failed {
+        println!(
+            "soak: the proxy's logs are kept in {}",
+            keep_logs(&proxy.log_path, opts.seed).display()
+        );
+    }
     if failed {
         let kept = keep_logs(&proxy.log_path, opts.seed);
         eprintln!(
