@@ -17,10 +17,13 @@ thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     /// The bytes in `FREE`, whatever sizes its buffers have.
     static KEPT: Cell<usize> = const { Cell::new(0) };
+    /// The bytes of buffers taken and not given back: memory in use.
+    static IN_USE: Cell<usize> = const { Cell::new(0) };
 }
 
 /// A buffer of exactly `len` bytes (contents unspecified).
 pub fn take(len: usize) -> Vec<u8> {
+    IN_USE.set(IN_USE.get() + len);
     FREE.with_borrow_mut(|free| match free.iter().rposition(|b| b.len() == len) {
         Some(at) => {
             KEPT.set(KEPT.get() - len);
@@ -30,11 +33,17 @@ pub fn take(len: usize) -> Vec<u8> {
     })
 }
 
+/// Bytes of this thread's buffers in use now (taken, not given back).
+pub fn in_use() -> usize {
+    IN_USE.get()
+}
+
 /// Keep `buffer` for a later `take`, if the pool has room.
 pub fn give(buffer: Vec<u8>) {
     if buffer.is_empty() {
         return;
     }
+    IN_USE.set(IN_USE.get().saturating_sub(buffer.len()));
     FREE.with_borrow_mut(|free| {
         if KEPT.get() + buffer.len() <= KEEP_BYTES {
             KEPT.set(KEPT.get() + buffer.len());

@@ -89,6 +89,8 @@ pub struct Config {
     pub backend_timeout: Duration,
     /// HTTP: idle backend connections kept per backend per worker.
     pub upstream_keepalive: usize,
+    /// Serve `/metrics` and `/healthz` here, if set.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What a connection carries.
@@ -165,6 +167,7 @@ impl Default for Config {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             backend_timeout: DEFAULT_BACKEND_TIMEOUT,
             upstream_keepalive: DEFAULT_UPSTREAM_KEEPALIVE,
+            metrics_listen: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use mio::{Registry, Token};
 use crate::balancer::Backends;
 use crate::config::Config;
 use crate::http::HttpConnection;
+use crate::metrics::WorkerMetrics;
 use crate::relay::BufferPlan;
 use crate::stats::Stats;
 use crate::tcp::TcpConnection;
@@ -120,6 +121,8 @@ pub struct Ctx<'a> {
     pub stats: &'a Stats,
     /// How directions are made.
     pub plan: &'a BufferPlan,
+    /// This worker's counters.
+    pub metrics: &'a WorkerMetrics,
     /// `--connect-timeout`.
     pub connect_timeout: Duration,
     /// Backends one connection may try: 1 + `--connect-retries`.
@@ -167,12 +170,21 @@ impl Session {
         }
     }
 
-    /// Move what readiness allows, close what is finished.
+    /// Move what readiness allows, close what is finished. An HTTP
+    /// connection whose backend switched protocols becomes a relay here.
     pub fn drive(&mut self, ctx: &mut Ctx) -> Status {
-        match self {
-            Session::Tcp(c) => c.drive(ctx),
-            Session::Http(c) => c.drive(ctx),
-        }
+        let tunnel = match self {
+            Session::Tcp(c) => return c.drive(ctx),
+            Session::Http(c) => {
+                let status = c.drive(ctx);
+                match c.take_tunnel(ctx) {
+                    Some(tunnel) => tunnel,
+                    None => return status,
+                }
+            }
+        };
+        *self = Session::Tcp(TcpConnection::tunnel(tunnel));
+        self.drive(ctx)
     }
 
     /// The connect timer of attempt `attempt` ran out.

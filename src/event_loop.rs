@@ -23,6 +23,7 @@ use crate::connection::{Ctx, Key, Session, Status, Tokens};
 use crate::health::HealthChecks;
 use crate::http::HttpConnection;
 use crate::io_error::is_transient_accept_error;
+use crate::logging;
 use crate::shared::Shared;
 use crate::slab::Slab;
 use crate::tcp::TcpConnection;
@@ -118,6 +119,8 @@ struct Env {
     scratch: Vec<u8>,
     /// A graceful shutdown has begun.
     stopping: bool,
+    /// This worker's index (its counters in `shared.metrics`).
+    worker: usize,
     /// Backends one connection may try: the first, then
     /// `--connect-retries` others (default: all of them, once each).
     max_attempts: usize,
@@ -136,6 +139,7 @@ impl Env {
             scratch: &mut self.scratch,
             stats: &self.shared.stats,
             plan: &self.shared.plan,
+            metrics: &self.shared.metrics[self.worker],
             connect_timeout: config.connect_timeout,
             max_attempts: self.max_attempts,
             keep_half_open: config.keep_half_open,
@@ -210,6 +214,7 @@ impl Worker {
                 scratch,
                 max_attempts,
                 stopping: false,
+                worker: index,
                 shared,
             },
             conns: Slab::default(),
@@ -245,8 +250,13 @@ impl Worker {
             .arm(Instant::now() + sweep, Timer::IdleSweep);
         let mut events = Events::with_capacity(1024);
         let mut lists = TurnLists::default();
+        logging::batch_this_thread();
         loop {
+            // What this turn logged goes out in one write, before sleeping.
+            logging::flush();
+            self.publish_gauges();
             self.poll(&mut events, &lists)?;
+            logging::turn();
             lists.touched.clear();
             lists.touched.append(&mut lists.busy);
             self.note_events(&events, &mut lists.touched);
@@ -268,6 +278,13 @@ impl Worker {
                 self.accept_some(&mut lists.busy);
             }
         }
+    }
+
+    /// The gauges a scrape reads: connections open, memory held.
+    fn publish_gauges(&self) {
+        let m = &self.shared().metrics[self.index];
+        m.open.set(self.conns.len() as u64);
+        m.memory.set(crate::spill::memory_in_use());
     }
 
     /// Wait for events: not at all if work is left over, else until the

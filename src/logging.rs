@@ -1,92 +1,193 @@
-//! Log set-up: one line per event, `2026-11-26T15:04:17.123Z WARN [conn 42] ...`.
+//! Log set-up: one line per event, `2026-11-26T15:04:17.123Z WARN [conn 42] ...`,
+//! costing at most one `write` per line, and one per event-loop turn in a
+//! worker.
 //!
-//! Timestamps are UTC with milliseconds, formatted here rather than with a
-//! date crate: the civil-from-days conversion is a dozen lines.
+//! A worker formats its lines into a buffer of its own thread and writes
+//! the buffer out once per turn (`flush`, before it sleeps in `poll`), with
+//! the timestamp formatted once per turn (`turn`). WARN and ERROR lines are
+//! written at once, as is every line of a thread that is not a worker (the
+//! supervisor, an embedding program). Each write is of whole lines and
+//! holds the sink's lock for its duration, so no line is ever cut or
+//! interleaved with another, whether to a file or to stderr, at any number
+//! of workers. (The old set-up wrote each fragment of a line on its own:
+//! 47 `write` calls per connection.)
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, OnceLock};
+use std::time::SystemTime;
 
 pub use log::LevelFilter;
 
+/// Past this many bytes buffered, a worker writes out before its turn
+/// ends: a bound on memory however busy a turn is.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// Where lines go.
+enum Sink {
+    Stderr,
+    /// The file at `path`, reopened on SIGHUP (logrotate renames it, and
+    /// the next line must go to a fresh file at the configured path).
+    File {
+        path: PathBuf,
+        file: File,
+    },
+}
+
+impl Sink {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Stderr => io::stderr().lock().write_all(bytes),
+            Sink::File { file, .. } => file.write_all(bytes),
+        }
+    }
+}
+
+struct Logger {
+    level: LevelFilter,
+    sink: Mutex<Sink>,
+}
+
+static LOGGER: OnceLock<Logger> = OnceLock::new();
+
+/// A thread's lines not written yet, and its cached timestamp.
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
+    /// This thread runs an event loop and flushes once per turn.
+    batching: bool,
+    /// The timestamp of this turn's lines, and whether a new turn has
+    /// begun since it was taken (it is taken at the turn's first line, so
+    /// a turn that logs nothing costs nothing).
+    stamp: String,
+    stale: bool,
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> = RefCell::default();
+}
+
 /// Send log records at `level` and above to `file`, or to stderr.
 pub fn init(level: LevelFilter, file: Option<&Path>) -> io::Result<()> {
-    let dispatch = fern::Dispatch::new()
-        .level(level)
-        .format(|out, message, record| {
-            out.finish(format_args!(
-                "{} {} {}",
-                utc_timestamp(SystemTime::now()),
-                record.level(),
-                message
-            ))
-        });
-    let dispatch = match file {
-        Some(path) => {
-            let log = Arc::new(LogFile::open(path)?);
-            let _ = LOG_FILE.set(log.clone());
-            dispatch.chain(Box::new(SharedLog(log)) as Box<dyn Write + Send>)
-        }
-        None => dispatch.chain(io::stderr()),
-    };
-    dispatch
-        .apply()
-        .map_err(|e| io::Error::new(io::ErrorKind::AlreadyExists, e))
-}
-
-/// The log file, reopened on SIGHUP: logrotate renames it, and the next
-/// line must go to a fresh file at the configured path.
-struct LogFile {
-    path: PathBuf,
-    file: Mutex<File>,
-}
-
-static LOG_FILE: OnceLock<Arc<LogFile>> = OnceLock::new();
-
-impl LogFile {
-    fn open(path: &Path) -> io::Result<LogFile> {
-        Ok(LogFile {
+    let sink = match file {
+        Some(path) => Sink::File {
             path: path.to_path_buf(),
-            file: Mutex::new(append(path)?),
-        })
+            file: append(path)?,
+        },
+        None => Sink::Stderr,
+    };
+    let logger = Logger {
+        level,
+        sink: Mutex::new(sink),
+    };
+    if LOGGER.set(logger).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "logging is set up already",
+        ));
     }
+    log::set_logger(LOGGER.get().expect("just set"))
+        .map_err(|e| io::Error::new(io::ErrorKind::AlreadyExists, e))?;
+    log::set_max_level(level);
+    Ok(())
 }
 
 fn append(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// What fern writes to: the current file behind the mutex.
-struct SharedLog(Arc<LogFile>);
-
-impl Write for SharedLog {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .file
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(buf)
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= self.level
     }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0
-            .file
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .flush()
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let urgent = record.level() <= log::Level::Warn;
+        let out = PENDING.with_borrow_mut(|p| {
+            if !p.batching || p.stale {
+                p.stale = false;
+                p.stamp.clear();
+                let _ = std::fmt::Write::write_fmt(
+                    &mut p.stamp,
+                    format_args!("{}", humantime::format_rfc3339_millis(SystemTime::now())),
+                );
+            }
+            let Pending { lines, stamp, .. } = p;
+            let _ = writeln!(lines, "{stamp} {} {}", record.level(), record.args());
+            (urgent || !p.batching || p.lines.len() >= FLUSH_AT)
+                .then(|| std::mem::take(&mut p.lines))
+        });
+        if let Some(bytes) = out {
+            self.write_out(bytes);
+        }
+    }
+
+    fn flush(&self) {
+        flush();
+    }
+}
+
+impl Logger {
+    /// Write whole lines under the sink's lock, then give the buffer back
+    /// to the thread (no allocation per turn).
+    fn write_out(&self, mut bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+            // Nowhere left to report a failed log write: the line is lost,
+            // the proxy goes on.
+            let _ = sink.write_all(&bytes);
+        }
+        bytes.clear();
+        PENDING.with_borrow_mut(|p| {
+            if p.lines.is_empty() && p.lines.capacity() < bytes.capacity() {
+                p.lines = bytes;
+            }
+        });
+    }
+}
+
+/// This thread runs an event loop: from now on its lines are written once
+/// per turn (`flush`), stamped once per turn (`turn`).
+pub fn batch_this_thread() {
+    PENDING.with_borrow_mut(|p| {
+        p.batching = true;
+        p.stale = true;
+    });
+}
+
+/// A new turn of this thread's event loop: its lines get a new time.
+pub fn turn() {
+    PENDING.with_borrow_mut(|p| p.stale = true);
+}
+
+/// Write out this thread's pending lines (once per turn, before sleeping;
+/// and before the thread ends).
+pub fn flush() {
+    let bytes = PENDING.with_borrow_mut(|p| std::mem::take(&mut p.lines));
+    if let Some(logger) = LOGGER.get() {
+        logger.write_out(bytes);
     }
 }
 
 /// Reopen the log file at its path. `Ok(false)` when logging to stderr.
 /// On failure the old file stays in use.
 pub fn reopen() -> io::Result<bool> {
-    let Some(log) = LOG_FILE.get() else {
+    let Some(logger) = LOGGER.get() else {
         return Ok(false);
     };
-    let fresh = append(&log.path)?;
-    *log.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
-    Ok(true)
+    let mut sink = logger.sink.lock().unwrap_or_else(|e| e.into_inner());
+    match &mut *sink {
+        Sink::Stderr => Ok(false),
+        Sink::File { path, file } => {
+            *file = append(path)?;
+            Ok(true)
+        }
+    }
 }
 
 /// Parse `error|warn|info|debug|trace` for `--log-level`.
@@ -105,38 +206,13 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, String> {
 
 /// `2026-11-26T15:04:17.123Z`
 pub fn utc_timestamp(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
-/// calendar (Howard Hinnant's algorithm, counting in 400-year eras).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn timestamps() {

@@ -160,6 +160,12 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_UPSTREAM_KEEPALIVE)]
     upstream_keepalive: usize,
 
+    /// Serve Prometheus metrics (GET /metrics) and a health check (GET
+    /// /healthz: 200, or 503 while shutting down) here, e.g. 127.0.0.1:9100
+    /// [default: off]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    metrics_listen: Option<SocketAddr>,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -197,6 +203,12 @@ struct DemoArgs {
     /// The proxy's in-memory bytes per direction before spilling
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
     memory_buffer: u64,
+
+    /// tcp: a backend writes a response, a slow client reads it; http: a
+    /// slow upload and a slow keep-alive download to an HTTP backend (use
+    /// e.g. --size 8MiB --rate 4MiB)
+    #[arg(long, value_name = "MODE", value_parser = Mode::parse, default_value = "tcp")]
+    mode: Mode,
 }
 
 fn main() -> ExitCode {
@@ -258,6 +270,7 @@ fn serve(cli: Cli) -> ExitCode {
         keepalive_timeout: cli.keepalive_timeout,
         backend_timeout: cli.backend_timeout,
         upstream_keepalive: cli.upstream_keepalive,
+        metrics_listen: cli.metrics_listen,
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {
@@ -283,6 +296,19 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     if args.rate == 0 || args.size == 0 {
         eprintln!("spillway: demo: --size and --rate must be above zero");
         return ExitCode::from(2);
+    }
+    if args.mode == Mode::Http {
+        return match spillway::demo_http::run(args.size, args.rate, args.memory_buffer) {
+            Ok(report) if report.all_exact() => ExitCode::SUCCESS,
+            Ok(_) => {
+                eprintln!("spillway: demo: a client got different bytes than the backend sent");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("spillway: demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let opts = DemoOptions {
         size: args.size,

@@ -25,6 +25,7 @@ use crate::disk::DiskBudget;
 use crate::event_loop::{ShutdownTally, Worker};
 use crate::io_error::is_out_of_resources;
 use crate::logging;
+use crate::metrics::MetricsServer;
 use crate::relay::BufferPlan;
 use crate::shared::{Lifecycle, Shared};
 use crate::stats::Stats;
@@ -86,6 +87,8 @@ impl Stopper {
 pub struct Proxy {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
+    /// `--metrics-listen`, bound at once like `--listen`.
+    metrics_listener: Option<TcpListener>,
     poll: Poll,
     signals: Option<Signals>,
     local_addr: SocketAddr,
@@ -97,6 +100,19 @@ impl Proxy {
     pub fn bind(config: Config) -> Result<Proxy, StartError> {
         config.validate()?;
         let listeners = bind_listeners(config.listen, config.workers)?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|e| {
+                if is_out_of_resources(&e) {
+                    system("opening the metrics socket")(e)
+                } else {
+                    StartError::Config(ConfigError {
+                        flag: "--metrics-listen",
+                        problem: format!("cannot listen on {addr}: {e}"),
+                    })
+                }
+            })?),
+            None => None,
+        };
         let local_addr = listeners[0]
             .local_addr()
             .map_err(system("reading the listening address"))?;
@@ -143,6 +159,7 @@ impl Proxy {
         Ok(Proxy {
             shared,
             workers,
+            metrics_listener,
             poll,
             signals: None,
             local_addr,
@@ -179,16 +196,39 @@ impl Proxy {
     pub fn run(mut self) -> io::Result<()> {
         self.log_start();
         let threads = self.spawn_workers()?;
-        self.supervise(threads.len())?;
-        join_workers(threads)
+        let metrics = match self.metrics_listener.take() {
+            Some(listener) => match MetricsServer::start(listener, self.shared.clone()) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    self.shared.lifecycle.stop_all();
+                    let _ = join_workers(threads);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let supervised = self.supervise(threads.len());
+        let joined = join_workers(threads);
+        if let Some(server) = metrics {
+            server.stop();
+        }
+        supervised.and(joined)
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     fn log_start(&self) {
         let config = &self.shared.config;
         let backends: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
         log::info!(
-            "listening on {} backends={} balance={} workers={} memory_buffer={} max_spill={} max_disk={} max_connections={} temp_dir={}",
+            "listening on {} mode={} backends={} balance={} workers={} memory_buffer={} max_spill={} max_disk={} max_connections={} temp_dir={} metrics={}",
             self.local_addr,
+            config.mode,
             backends.join(","),
             config.balance,
             config.workers,
@@ -196,7 +236,11 @@ impl Proxy {
             show_size(config.max_spill),
             config.max_disk.map_or("unlimited".into(), show_size),
             config.max_connections,
-            config.temp_dir.display()
+            config.temp_dir.display(),
+            self.metrics_listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map_or_else(|| "off".to_string(), |a| a.to_string()),
         );
     }
 
@@ -340,6 +384,8 @@ struct Finished(Arc<Shared>);
 
 impl Drop for Finished {
     fn drop(&mut self) {
+        // The worker's last lines, whatever ended it.
+        logging::flush();
         self.0.lifecycle.worker_finished(thread::panicking());
     }
 }

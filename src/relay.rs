@@ -285,6 +285,10 @@ pub enum News {
     DiskBlocked { cause: String, first: bool },
     /// It can spill again after an episode.
     DiskBack { first: bool },
+    /// `--max-spill` is reached (or, for a direction that may not spill,
+    /// its memory is full): reading its sender stops until the receiver
+    /// takes some. Once per episode.
+    SpillLimit,
 }
 
 pub struct Direction {
@@ -325,6 +329,7 @@ pub struct Direction {
     told_spill: bool,
     disk_episodes: u32,
     disk_blocked: bool,
+    at_spill_limit: bool,
 }
 
 /// Memory is full and the receiver is not taking: rather than spill, stop
@@ -364,6 +369,7 @@ impl Direction {
             told_spill: false,
             disk_episodes: 0,
             disk_blocked: false,
+            at_spill_limit: false,
         }
     }
 
@@ -439,6 +445,12 @@ impl Direction {
     /// The current message is all taken (though maybe not yet delivered).
     pub fn message_taken(&self) -> bool {
         self.to_take == Some(0)
+    }
+
+    /// How much may wait on disk from now on: 0 passes bytes on as they
+    /// come, holding the sender back to the receiver's pace.
+    pub fn set_spill_limit(&mut self, limit: u64) {
+        self.buf.set_spill_limit(limit);
     }
 
     /// Take everything until the sender's EOF again (after `expect`).
@@ -555,6 +567,13 @@ impl Direction {
         if self.buf.has_spilled() && !self.told_spill {
             self.told_spill = true;
             return Some(News::FirstSpill);
+        }
+        let at_limit = self.flow == Flow::Open && !self.buf.has_room();
+        if at_limit != self.at_spill_limit {
+            self.at_spill_limit = at_limit;
+            if at_limit {
+                return Some(News::SpillLimit);
+            }
         }
         match (self.buf.disk_blocked(), self.disk_blocked) {
             (Some(cause), false) => {

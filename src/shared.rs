@@ -12,6 +12,7 @@ use mio::Waker;
 
 use crate::balancer::Backends;
 use crate::config::Config;
+use crate::metrics::WorkerMetrics;
 use crate::relay::BufferPlan;
 use crate::stats::Stats;
 
@@ -23,6 +24,8 @@ pub struct Shared {
     pub limit: ConnectionLimit,
     pub accept_errors: AcceptErrors,
     pub lifecycle: Lifecycle,
+    /// Each worker's counters, by worker index.
+    pub metrics: Vec<WorkerMetrics>,
     next_id: AtomicU64,
 }
 
@@ -33,7 +36,11 @@ impl Shared {
         plan: BufferPlan,
         lifecycle: Lifecycle,
     ) -> Shared {
+        let metrics = (0..config.workers)
+            .map(|_| WorkerMetrics::new(config.backends.len()))
+            .collect();
         Shared {
+            metrics,
             limit: ConnectionLimit::new(config.max_connections),
             config,
             backends,

@@ -30,6 +30,7 @@ use mio::{Interest, Token};
 use crate::config::show_size;
 use crate::connection::{Ctx, Id, Label, Side, Status, close_stream};
 use crate::io_error::{describe, is_normal_close};
+use crate::metrics::{Backpressure, Outcome, WorkerMetrics};
 use crate::relay::{Culprit, Direction, Flow, News, Peer, Pumped, pump};
 use crate::timers::Timer;
 use crate::upstream::{BackendLeg, Dial, Dialled, Owner};
@@ -37,6 +38,31 @@ use crate::upstream::{BackendLeg, Dial, Dialled, Owner};
 /// How long a socket that is done may stay open to drain a sender we no
 /// longer listen to (see `TcpConnection::lingering`).
 const LINGER: Duration = Duration::from_secs(2);
+
+/// Count what a direction (`d`: 0 up, 1 down) had to say.
+pub fn count_news(m: &WorkerMetrics, news: &News, d: usize) {
+    match news {
+        News::FirstSpill => m.spill_events[d].add(1),
+        News::SpillLimit => m.backpressure(Backpressure::MaxSpill),
+        News::DiskBlocked { cause, .. } if cause.contains("--max-disk") => {
+            m.backpressure(Backpressure::MaxDisk)
+        }
+        News::DiskBlocked { .. } => m.backpressure(Backpressure::DiskError),
+        News::DiskBack { .. } => {}
+    }
+}
+
+/// What an upgraded HTTP connection hands over to become a relay.
+pub struct Tunnel {
+    pub id: u64,
+    pub slot: usize,
+    pub client: Peer<TcpStream>,
+    pub client_addr: SocketAddr,
+    pub leg: BackendLeg,
+    pub up: Direction,
+    pub down: Direction,
+    pub opened: Instant,
+}
 
 /// Where the connection is with its backend.
 enum Phase {
@@ -81,6 +107,8 @@ pub struct TcpConnection {
     /// Close without resetting peers even if streams were cut (idle
     /// timeout: nothing was in flight).
     gentle: bool,
+    /// What the counters were told so far: bytes out and spilled, [up, down].
+    reported: [u64; 4],
 }
 
 impl TcpConnection {
@@ -117,9 +145,38 @@ impl TcpConnection {
             client_spoke_last: false,
             last_active: Instant::now(),
             gentle: false,
+            reported: [0; 4],
         };
         conn.dial(|dial, owner, ctx| dial.next(owner, ctx), ctx);
         Ok(conn)
+    }
+
+    /// An HTTP connection whose backend answered `101 Switching
+    /// Protocols`: from now on a relay of bytes both ways, as in `tcp`
+    /// mode. `down` holds the 101's head (and whatever the backend sent
+    /// after it), `up` whatever the client sent after its request.
+    pub fn tunnel(parts: Tunnel) -> TcpConnection {
+        let backend_addr = Some(parts.leg.addr());
+        let now = Instant::now();
+        TcpConnection {
+            id: Id(parts.id),
+            slot: parts.slot,
+            client: parts.client,
+            client_addr: parts.client_addr,
+            phase: Phase::Relaying(parts.leg),
+            up: parts.up,
+            down: parts.down,
+            backend_addr,
+            opened: parts.opened,
+            backend_held: None,
+            trouble: None,
+            linger_until: None,
+            spill_timer: None,
+            client_spoke_last: false,
+            last_active: now,
+            gentle: false,
+            reported: [0; 4],
+        }
     }
 
     fn owner(&self) -> Owner {
@@ -194,9 +251,28 @@ impl TcpConnection {
             self.last_active = Instant::now();
             self.client_spoke_last = self.down.bytes_out() == delivered_before;
         }
-        self.tell_news();
+        self.tell_news(ctx);
+        self.report(ctx);
         self.arm_spill_timer(ctx);
         self.finish_turn(ctx, busy)
+    }
+
+    /// Add what moved since the last turn to the worker's counters.
+    fn report(&mut self, ctx: &Ctx) {
+        let now = [
+            self.up.bytes_out(),
+            self.down.bytes_out(),
+            self.up.buf().spilled_total(),
+            self.down.buf().spilled_total(),
+        ];
+        let m = ctx.metrics;
+        let cells = [&m.bytes[0], &m.bytes[1], &m.spilled[0], &m.spilled[1]];
+        for ((cell, now), before) in cells.into_iter().zip(now).zip(&mut self.reported) {
+            if now != *before {
+                cell.add(now - *before);
+                *before = now;
+            }
+        }
     }
 
     /// One pump each way. A failure is judged before the other direction
@@ -290,6 +366,15 @@ impl TcpConnection {
         self.close_finished_sockets(ctx);
         if self.client.io.is_none() && matches!(self.phase, Phase::Finishing) {
             self.log_summary();
+            self.report(ctx);
+            let m = ctx.metrics;
+            m.closed(Outcome::of_reason(
+                self.trouble.as_deref().unwrap_or("done"),
+            ));
+            m.client_time.observe(self.opened.elapsed());
+            if let Some(held) = self.backend_held {
+                m.backend_hold.observe(held);
+            }
             ctx.stats
                 .record_close(self.up.buf().spilled_total() + self.down.buf().spilled_total());
             Status::Finished
@@ -331,6 +416,10 @@ impl TcpConnection {
     pub fn close_now(&mut self, reason: &str, gentle: bool, ctx: &mut Ctx) -> Status {
         self.trouble.get_or_insert_with(|| reason.to_string());
         self.gentle = gentle;
+        // Now means now: no lingering for a peer that is still sending
+        // (it would keep a socket, and the idle sweep would close it again
+        // at every round for up to `LINGER`).
+        self.linger_until = Some(Instant::now());
         self.up.abort();
         self.down.abort();
         self.finish_turn(ctx, false)
@@ -475,12 +564,15 @@ impl TcpConnection {
 
     /// What the directions have to tell the operator: the first spill of
     /// each (the cue to tune `--memory-buffer`), and disk trouble.
-    fn tell_news(&mut self) {
+    fn tell_news(&mut self, ctx: &Ctx) {
         let backend = self.backend_label();
-        let directions = [(&mut self.up, "client"), (&mut self.down, "backend")];
-        for (dir, sender) in directions {
+        let m = ctx.metrics;
+        let directions = [(&mut self.up, "client", 0), (&mut self.down, "backend", 1)];
+        for (dir, sender, d) in directions {
             while let Some(news) = dir.news() {
+                count_news(m, &news, d);
                 match news {
+                    News::SpillLimit => {}
                     News::FirstSpill => log::warn!(
                         "{} {} spilling to disk: client={} backend={backend} more than memory_buffer={} waiting; spill file in {} (raise --memory-buffer to keep more in memory)",
                         self.id,

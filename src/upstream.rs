@@ -18,6 +18,7 @@ use mio::net::TcpStream;
 use crate::balancer::Picked;
 use crate::connection::{Ctx, Id, close_stream};
 use crate::io_error::{describe_connect_error, is_out_of_resources};
+use crate::metrics::ConnectFailure;
 use crate::relay::Peer;
 use crate::slab::Slab;
 use crate::timers::Timer;
@@ -112,6 +113,18 @@ impl BackendLeg {
             ctx.legs.remove(self.key);
             return held;
         };
+        if !is_clean(&peer) {
+            // Bytes past the response (or its close) are already here, and
+            // their readiness edge was spent reading the response: kept, they
+            // would be read as the next client's response.
+            log::debug!(
+                "backend {} sent more than its response: not reused",
+                self.addr
+            );
+            ctx.legs.remove(self.key);
+            close_stream(peer, true);
+            return held;
+        }
         if let Some(owner) = ctx.legs.get_mut(self.key) {
             *owner = LegOwner::Idle {
                 backend: self.backend,
@@ -278,6 +291,25 @@ impl IdlePool {
     }
 }
 
+/// Nothing is waiting in `stream`: no byte, no EOF, no error. A backend
+/// connection with anything there cannot take another request.
+fn is_clean(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+    match socket2::SockRef::from(stream).peek(&mut byte) {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    }
+}
+
+/// For `spillway_backend_connect_failures_total{cause}`.
+fn failure_kind(e: &io::Error) -> ConnectFailure {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+        io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+        _ => ConnectFailure::Error,
+    }
+}
+
 /// An idle connection to `picked` serves `owner` now.
 fn reuse(idle: IdleLeg, picked: Picked, owner: Owner, ctx: &mut Ctx) -> BackendLeg {
     if let Some(entry) = ctx.legs.get_mut(idle.key) {
@@ -361,8 +393,12 @@ impl Dial {
             self.number += 1;
             self.last_addr = Some(addr);
             if self.reuse && !picked.trial {
-                if let Some(idle) = ctx.idle.take(picked.idx) {
-                    return Dialled::Connected(reuse(idle, picked, owner, ctx));
+                while let Some(idle) = ctx.idle.take(picked.idx) {
+                    if is_clean(&idle.stream) {
+                        return Dialled::Connected(reuse(idle, picked, owner, ctx));
+                    }
+                    // Closed, or it sent something unasked, since it idled.
+                    idle.close(ctx.legs);
                 }
             }
             match BackendLeg::dial(picked, owner, ctx) {
@@ -438,6 +474,7 @@ impl Dial {
             Some(Ok(())) => {
                 let mut leg = self.attempt.take().expect("checked above");
                 ctx.backends.succeeded(leg.backend);
+                ctx.metrics.backends[leg.backend].connects.add(1);
                 leg.connected_at = Some(Instant::now());
                 // Both ways may go now; a FIN noted while connecting (a
                 // backend that answers and closes at once) stays noted.
@@ -445,7 +482,7 @@ impl Dial {
                 log::debug!("{} connected to backend {}", Id(owner.id), leg.addr);
                 Dialled::Connected(leg)
             }
-            Some(Err(e)) => self.failed(&describe_connect_error(&e), owner, ctx),
+            Some(Err(e)) => self.failed(&describe_connect_error(&e), failure_kind(&e), owner, ctx),
         }
     }
 
@@ -455,7 +492,7 @@ impl Dial {
             return Dialled::Pending;
         }
         let cause = format!("connect timed out after {:?}", ctx.connect_timeout);
-        self.failed(&cause, owner, ctx)
+        self.failed(&cause, ConnectFailure::Timeout, owner, ctx)
     }
 
     /// The retry timer armed when no socket could be opened has fired.
@@ -478,8 +515,15 @@ impl Dial {
     /// The connect in flight failed: count it against the backend and move
     /// on to the next. What the client sent meanwhile stays buffered, so
     /// the backend that finally answers gets all of it.
-    fn failed(&mut self, cause: &str, owner: Owner, ctx: &mut Ctx) -> Dialled {
+    fn failed(
+        &mut self,
+        cause: &str,
+        kind: ConnectFailure,
+        owner: Owner,
+        ctx: &mut Ctx,
+    ) -> Dialled {
         let leg = self.attempt.take().expect("a connect in flight");
+        ctx.metrics.connect_failed(leg.backend, kind);
         log::warn!(
             "{} client {}: backend {}: {cause}",
             Id(owner.id),

@@ -198,6 +198,59 @@ fn bad_limit_flags_are_refused() {
 }
 
 #[test]
+fn bad_http_flags_are_refused() {
+    assert_each_refused("--mode", &[&["--mode", "udp"], &["--mode", "HTTP"]]);
+    assert_each_refused(
+        "--max-header-size",
+        &[
+            &["--max-header-size", "100"],
+            &["--max-header-size", "2MiB"],
+            &["--max-header-size", "big"],
+        ],
+    );
+    assert_each_refused(
+        "--max-request-body",
+        &[
+            &["--max-request-body", "-1"],
+            &["--max-request-body", "1.5"],
+        ],
+    );
+    for flag in [
+        "--client-header-timeout",
+        "--client-body-timeout",
+        "--keepalive-timeout",
+        "--backend-timeout",
+    ] {
+        let zero = format!("{flag}=0s");
+        let no_unit = format!("{flag}=60");
+        assert_each_refused(flag, &[&[&zero], &[&no_unit]]);
+    }
+    assert_each_refused(
+        "--upstream-keepalive",
+        &[
+            &["--upstream-keepalive", "10001"],
+            &["--upstream-keepalive", "-1"],
+        ],
+    );
+}
+
+/// A bad `--metrics-listen` is refused like any bad flag, and so is one
+/// that cannot be bound.
+#[test]
+fn bad_metrics_listen_is_refused() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let in_use = taken.local_addr().unwrap().to_string();
+    assert_each_refused(
+        "--metrics-listen",
+        &[
+            &["--metrics-listen", "9100"],
+            &["--metrics-listen", "localhost"],
+            &["--metrics-listen", &in_use],
+        ],
+    );
+}
+
+#[test]
 fn bad_backend_weight_is_refused() {
     for weight in ["weight=0", "weight=1001", "weight=x", "w=2"] {
         let backend = format!("{},{weight}", some_backend());
@@ -362,6 +415,16 @@ fn help_lists_every_flag() {
         "--temp-dir",
         "--log-level",
         "--log-file",
+        "--keep-half-open",
+        "--mode",
+        "--max-request-body",
+        "--max-header-size",
+        "--client-header-timeout",
+        "--client-body-timeout",
+        "--keepalive-timeout",
+        "--backend-timeout",
+        "--upstream-keepalive",
+        "--metrics-listen",
         "--help",
     ] {
         assert!(

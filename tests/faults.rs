@@ -1339,3 +1339,114 @@ fn sighup_reopens_the_log_file() {
         "a line after the reopen went to the old file:\n{old}"
     );
 }
+
+/// Four workers logging at once, each writing its turn's lines in one go:
+/// every line of the log is whole (a timestamp, a level, a message) and
+/// none is lost: one close line per connection, and with a SIGHUP and a
+/// rotation in the middle, the two files together still have them all.
+#[test]
+fn log_lines_are_whole_and_none_is_lost_with_four_workers() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 60;
+    let backend = Backend::start("echo", |mut s| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let proxy = Proxy::start(&["--backend", &backend.arg(), "--workers", "4"]);
+    let addr = proxy.addr;
+    let rotated = proxy.log_path.with_extension("1");
+    let clients: Vec<Bg<Vec<SocketAddr>>> = (0..CLIENTS)
+        .map(|_| {
+            spawn("client", move || {
+                (0..EACH)
+                    .map(|_| {
+                        let mut c = connect(addr);
+                        c.write_all(b"ping").expect("write");
+                        shutdown_write(&c);
+                        assert_eq!(read_to_eof(&mut c, 64), b"ping");
+                        c.local_addr().unwrap()
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    // Rotate while the clients run.
+    thread::sleep(Duration::from_millis(50));
+    fs::rename(&proxy.log_path, &rotated).expect("rotate");
+    proxy.signal(libc::SIGHUP);
+    let mut addrs = Vec::new();
+    for c in clients {
+        addrs.extend(c.join(SECS_60));
+    }
+    let total = CLIENTS * EACH;
+    wait_until("every close line", SECS_30, || {
+        let old = fs::read_to_string(&rotated).unwrap_or_default();
+        let new = fs::read_to_string(&proxy.log_path).unwrap_or_default();
+        old.matches(" closed client=").count() + new.matches(" closed client=").count() >= total
+    });
+    let old = fs::read_to_string(&rotated).expect("rotated log");
+    let new = fs::read_to_string(&proxy.log_path).expect("new log");
+    let mut closes = 0;
+    for line in old.lines().chain(new.lines()) {
+        let (stamp, rest) = line.split_at(line.find(' ').unwrap_or(0));
+        let whole = stamp.len() == 24
+            && stamp.ends_with('Z')
+            && stamp.as_bytes()[10] == b'T'
+            && [" INFO ", " WARN ", " ERROR ", " DEBUG "]
+                .iter()
+                .any(|l| rest.starts_with(l));
+        assert!(whole, "a cut or mixed line: {line:?}");
+        if line.contains(" closed client=") {
+            closes += 1;
+        }
+    }
+    assert_eq!(closes, total, "one close line per connection, none lost");
+    for a in addrs {
+        let needle = format!("client={a} ");
+        assert!(
+            old.contains(&needle) || new.contains(&needle),
+            "no close line for {a}"
+        );
+    }
+}
+
+/// An idle connection whose client has already sent EOF, to a backend that
+/// holds it and says nothing: at `--idle-timeout` both sockets close at
+/// once (no lingering for a backend that is not sending), and the sweep
+/// says so once. (It used to keep the backend socket up to 2s more and log
+/// "idle for" again at every sweep meanwhile; the soak test found it.)
+#[test]
+fn an_idle_connection_closes_at_once_and_is_logged_once() {
+    let (listener, backend_addr) = listen();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let backend = spawn("holding backend", move || {
+        let mut s = accept_within(&listener, SECS_10);
+        read_until_end(&mut s, &mut Vec::new(), 1024).expect("the client's EOF");
+        // Hold the connection, silent, until the test is done.
+        let _ = done_rx.recv_timeout(SECS_30);
+    });
+    let mut proxy = Proxy::start(&[
+        "--backend",
+        &backend_addr.to_string(),
+        "--idle-timeout",
+        "200ms",
+    ]);
+    let c = connect(proxy.addr);
+    let local = c.local_addr().unwrap();
+    shutdown_write(&c);
+    let closed = proxy.wait_for_close(local, SECS_10);
+    assert_eq!(closed.reason, "idle timeout", "{}", closed.line);
+    assert!(
+        closed.duration < 1.5,
+        "closed {}s after it began: it lingered past the idle timeout",
+        closed.duration
+    );
+    let idle_lines = proxy.lines_containing(" idle for ");
+    assert_eq!(idle_lines.len(), 1, "{idle_lines:#?}");
+    done_tx.send(()).expect("backend alive");
+    backend.join(SECS_10);
+}

@@ -517,3 +517,263 @@ fn bodies_over_the_limit_get_413() {
     assert_eq!(got[0].body.len(), 1024);
     let _ = std::io::stdout().flush();
 }
+
+/// A request whose connect fails moves on to the next backend with its
+/// buffered body, as in `tcp` mode.
+#[test]
+fn a_failed_connect_moves_the_request_to_the_next_backend() {
+    let good = HttpBackend::start(|g| Reply::Bytes(ok(&g.body)));
+    let dead = dead_addr().to_string();
+    let proxy = Proxy::start(&[
+        "--mode",
+        "http",
+        "--workers",
+        "1",
+        "--backend",
+        &dead,
+        "--backend",
+        &good.arg(),
+    ]);
+    let body = random_bytes(3, 300 * KIB);
+    for _ in 0..2 {
+        let mut client = Client::connect(proxy.addr);
+        client.send(&post("/x", &body));
+        let resp = client.response(false);
+        assert_eq!(resp.status, 200);
+        assert_bytes_eq("the replayed body", &resp.body, &body);
+    }
+    assert_eq!(good.got().len(), 2);
+}
+
+/// HTTP/1.0 keeps its connection only when it asks, and is told so.
+#[test]
+fn http_1_0_keeps_alive_only_when_asked() {
+    let backend = HttpBackend::named("x");
+    let proxy = http_proxy(&[&backend], &[]);
+    let mut client = Client::connect(proxy.addr);
+    client.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let r = client.response(false);
+    assert_eq!(r.field("connection").as_deref(), Some("keep-alive"));
+    client.send(b"GET / HTTP/1.0\r\n\r\n");
+    let r = client.response(false);
+    assert!(r.closes());
+    client.expect_eof();
+    let got = backend.wait_for_requests(2, SECS_10);
+    assert!(
+        got.iter().all(|g| g.line() == "GET / HTTP/1.1"),
+        "backends get 1.1"
+    );
+}
+
+/// A backend that answers before it has read the whole request (a 413 of
+/// its own, say): the client gets that answer, and the backend connection
+/// is not reused, since the rest of the request may still be in it.
+#[test]
+fn an_early_answer_is_passed_on_and_its_connection_not_reused() {
+    let (listener, addr) = listen();
+    let backend = spawn("early backend", move || {
+        let mut s = accept_within(&listener, SECS_10);
+        let mut buf = vec![0u8; 1024];
+        let mut head = Vec::new();
+        while find(&head, b"\r\n\r\n").is_none() {
+            let n = std::io::Read::read(&mut s, &mut buf).expect("read");
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nnope")
+            .expect("answer");
+        // Read (and drop) the rest until the proxy closes this connection.
+        let rest = read_to_eof(&mut s, 64 * MIB);
+        rest.len()
+    });
+    let proxy = Proxy::start(&["--mode", "http", "--backend", &addr.to_string()]);
+    let mut client = Client::connect(proxy.addr);
+    client.send(&post("/big", &vec![1u8; 16 * MIB]));
+    let r = client.response(false);
+    assert_eq!((r.status, r.body.as_slice()), (413, &b"nope"[..]));
+    backend.join(SECS_30);
+}
+
+/// A client that leaves in the middle of its body: nothing reaches a
+/// backend.
+#[test]
+fn a_client_leaving_mid_body_sends_nothing_to_a_backend() {
+    let backend = HttpBackend::named("x");
+    let mut proxy = http_proxy(&[&backend], &[]);
+    let mut client = Client::connect(proxy.addr);
+    let client_addr = client.stream.local_addr().unwrap();
+    client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly part");
+    drop(client);
+    let closed = proxy.wait_for_log(&format!("closed client={client_addr}"), SECS_10);
+    assert!(closed.contains("reason=client closed mid-body"), "{closed}");
+    holds_for(Duration::from_millis(200), || {
+        assert_eq!(backend.accepted(), 0)
+    });
+}
+
+/// SIGTERM: a request in flight is finished, with `Connection: close`; an
+/// idle keep-alive connection is closed quietly; the process exits 0.
+#[test]
+fn a_graceful_shutdown_finishes_requests_in_flight() {
+    let slow = HttpBackend::start(|_| {
+        thread::sleep(Duration::from_millis(500));
+        Reply::Bytes(ok(b"late but whole"))
+    });
+    let mut proxy = http_proxy(&[&slow], &[]);
+    let mut idle = Client::connect(proxy.addr);
+    idle.send(&get("/first"));
+    assert_eq!(idle.response(false).status, 200);
+    let mut busy = Client::connect(proxy.addr);
+    busy.send(&get("/slow"));
+    slow.wait_for_requests(2, SECS_10);
+    proxy.signal(libc::SIGTERM);
+    let r = busy.response(false);
+    assert_eq!(r.body, b"late but whole");
+    assert!(r.closes(), "no keep-alive while shutting down");
+    busy.expect_eof();
+    idle.expect_eof();
+    let status = proxy.wait_exit(SECS_30);
+    assert!(status.success(), "{status:?}");
+}
+
+/// A WebSocket handshake is passed on (`Upgrade` and `Connection:
+/// upgrade` only because the client sent them); the backend's 101 makes
+/// the connection a relay of bytes both ways.
+#[test]
+fn an_upgrade_answered_with_101_becomes_a_tunnel() {
+    let (listener, addr) = listen();
+    let backend = spawn("ws backend", move || {
+        let mut s = accept_within(&listener, SECS_10);
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while find(&head, b"\r\n\r\n").is_none() {
+            let n = std::io::Read::read(&mut s, &mut buf).expect("read");
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: xyz\r\n\r\nhello from ws",
+        )
+        .expect("101");
+        // Echo until the client closes its side.
+        loop {
+            let n = std::io::Read::read(&mut s, &mut buf).expect("echo read");
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).expect("echo write");
+        }
+        shutdown_write(&s);
+        head
+    });
+    let mut proxy = Proxy::start(&["--mode", "http", "--backend", &addr.to_string()]);
+    let mut client = Client::connect(proxy.addr);
+    let client_addr = client.stream.local_addr().unwrap();
+    client.send(
+        b"GET /chat HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: abc\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    let r = client.response(false);
+    assert_eq!(r.status, 101);
+    assert_eq!(r.field("upgrade").as_deref(), Some("websocket"));
+    assert_eq!(r.field("sec-websocket-accept").as_deref(), Some("xyz"));
+    let mut got = client.leftover().to_vec();
+    let frames = random_bytes(5, 300 * KIB);
+    client.send(&frames);
+    shutdown_write(&client.stream);
+    got.extend(read_to_eof(&mut client.stream, 2 * MIB));
+    assert_eq!(&got[..13], b"hello from ws");
+    assert_bytes_eq("echoed through the tunnel", &got[13..], &frames);
+    let head = backend.join(SECS_10);
+    assert!(head.contains("Upgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("Connection: upgrade\r\n"), "{head}");
+    let closed = proxy.wait_for_close(client_addr, SECS_10);
+    assert_eq!(closed.reason, "done", "{}", closed.line);
+}
+
+/// An upgrade request answered with a plain 200 stays HTTP: what the
+/// client sent after it is read as the next request, never tunnelled.
+#[test]
+fn an_upgrade_answered_with_200_does_not_tunnel() {
+    let backend = HttpBackend::start(|g| Reply::Bytes(ok(g.line().as_bytes())));
+    let proxy = http_proxy(&[&backend], &[]);
+    let mut client = Client::connect(proxy.addr);
+    let mut both =
+        b"GET /up HTTP/1.1\r\nHost: t\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n".to_vec();
+    both.extend_from_slice(b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n");
+    client.send(&both);
+    assert_eq!(client.response(false).body, b"GET /up HTTP/1.1");
+    assert_eq!(client.response(false).body, b"GET /smuggled HTTP/1.1");
+    let got = backend.wait_for_requests(2, SECS_10);
+    assert_eq!(got[0].field("upgrade").as_deref(), Some("h2c"));
+    assert!(got[1].fields("upgrade").is_empty());
+    assert_eq!(
+        got[1].line(),
+        "GET /smuggled HTTP/1.1",
+        "a request of its own"
+    );
+}
+
+/// `X-Accel-Buffering: no` (Server-Sent Events): each event reaches the
+/// client as it is sent, nothing is spilled, and the header is removed.
+#[test]
+fn an_unbuffered_response_streams_without_spilling() {
+    let (listener, addr) = listen();
+    let (next_tx, next_rx) = std::sync::mpsc::channel::<()>();
+    let backend = spawn("sse backend", move || {
+        let mut s = accept_within(&listener, SECS_10);
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while find(&head, b"\r\n\r\n").is_none() {
+            let n = std::io::Read::read(&mut s, &mut buf).expect("read");
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Accel-Buffering: no\r\n\
+              Transfer-Encoding: chunked\r\n\r\n",
+        )
+        .expect("head");
+        for i in 0..3 {
+            let event = format!("data: event {i}\n\n");
+            s.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())
+                .expect("event");
+            // The next only once the client has the last.
+            next_rx.recv_timeout(SECS_10).expect("client got it");
+        }
+        s.write_all(b"0\r\n\r\n").expect("end");
+    });
+    let proxy = Proxy::start(&[
+        "--mode",
+        "http",
+        "--backend",
+        &addr.to_string(),
+        "--memory-buffer",
+        "1KiB",
+    ]);
+    let mut client = Client::connect(proxy.addr);
+    client.send(&get("/events"));
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..3 {
+        let want = format!("data: event {i}\n\n");
+        while find(&seen, want.as_bytes()).is_none() {
+            let n = std::io::Read::read(&mut client.stream, &mut buf).expect("an event, promptly");
+            assert!(n > 0, "closed before event {i}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        next_tx.send(()).expect("backend alive");
+    }
+    let text = String::from_utf8_lossy(&seen).to_lowercase();
+    assert!(!text.contains("x-accel-buffering"), "{text}");
+    assert!(text.contains("text/event-stream"));
+    backend.join(SECS_10);
+    assert!(proxy.spill_files().is_empty());
+    assert!(
+        proxy
+            .lines_containing("buffered to a temporary file")
+            .is_empty(),
+        "an unbuffered response spilled"
+    );
+}

@@ -131,6 +131,16 @@ impl ChunkedDecoder {
         self.data
     }
 
+    /// Data bytes announced so far: those given out, and the rest of the
+    /// chunk under way. A body limit can be judged on this as soon as a
+    /// chunk's size is read, without waiting for its bytes.
+    pub fn announced(&self) -> u64 {
+        match self.state {
+            State::Data { left } => self.data.saturating_add(left),
+            _ => self.data,
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }
@@ -420,6 +430,16 @@ mod tests {
         assert!(r2.done);
         assert_eq!(out, b"0123456789");
         assert_eq!(d.data_len(), 10);
+    }
+
+    /// A chunk's size counts as soon as it is read.
+    #[test]
+    fn a_chunk_is_announced_before_its_bytes() {
+        let mut d = ChunkedDecoder::new(64);
+        d.decode(b"3\r\nabc\r\nFFFFFFFFFFFFFFFF\r\nx", |b| b.len())
+            .unwrap();
+        assert_eq!(d.data_len(), 4);
+        assert_eq!(d.announced(), u64::MAX, "saturates");
     }
 
     #[test]

@@ -34,8 +34,10 @@ use super::head::{
 use crate::config::show_size;
 use crate::connection::{Ctx, Id, Label, Status, close_stream};
 use crate::io_error::{describe, is_normal_close};
+use crate::metrics::{Outcome, WorkerMetrics};
 use crate::relay::{Culprit, Direction, Flow, News, Peer, Pumped, pump};
 use crate::spill::{Drain, Fill, SpillBuffer};
+use crate::tcp::{Tunnel, count_news};
 use crate::timers::Timer;
 use crate::upstream::{BackendLeg, Dial, Dialled, Owner};
 
@@ -65,6 +67,9 @@ enum Phase {
     ResponseBody(BackendLeg, BodyOut),
     /// The response is all in and the backend released: feeding the client.
     Delivering,
+    /// The backend switched protocols (101): the connection is to become a
+    /// relay of bytes (`take_tunnel`).
+    Upgraded(BackendLeg),
     /// An answer or the last response goes out, then the connection closes.
     Closing,
 }
@@ -167,10 +172,16 @@ pub struct HttpConnection {
     close_after: bool,
     /// The request body could not be stored for want of disk space.
     body_blocked: bool,
+    /// The response in flight is passed on unbuffered.
+    streaming: bool,
     /// Bytes the client sent that were read and dropped (while closing).
     dropped: u64,
     /// Bytes taken from each peer, for idleness.
     taken: u64,
+    /// What the counters were told so far: bytes out and spilled, [up, down].
+    reported: [u64; 4],
+    /// Bytes sent to backends, all requests together.
+    sent_total: u64,
     trouble: Option<String>,
 }
 
@@ -227,8 +238,11 @@ impl HttpConnection {
             timer_at: None,
             close_after: false,
             body_blocked: false,
+            streaming: false,
             dropped: 0,
             taken: 0,
+            reported: [0; 4],
+            sent_total: 0,
             trouble: None,
         })
     }
@@ -286,9 +300,10 @@ impl HttpConnection {
         if self.moved() != taken {
             self.last_active = Instant::now();
         }
-        self.tell_news();
+        self.tell_news(ctx);
+        self.report(ctx);
         self.arm_timer(ctx);
-        self.finish_turn(busy)
+        self.finish_turn(busy, ctx)
     }
 
     /// One step of the current phase, then the client's share of `down`.
@@ -302,7 +317,9 @@ impl HttpConnection {
             Phase::Connecting(_) => false,
             Phase::Exchange(_) => self.exchange_step(ctx),
             Phase::ResponseBody(_, BodyOut::Chunked { .. }) => self.read_chunked_response(ctx),
-            Phase::ResponseBody(..) | Phase::Delivering | Phase::Closing => false,
+            Phase::ResponseBody(..) | Phase::Delivering | Phase::Closing | Phase::Upgraded(_) => {
+                false
+            }
         };
         let more = self.deliver(ctx);
         self.after_delivery(ctx);
@@ -536,7 +553,11 @@ impl HttpConnection {
                         d
                     }
                 };
-                if over {
+                let announced = match &self.phase {
+                    Phase::Body(BodyIn::Chunked(d)) => d.announced(),
+                    _ => 0,
+                };
+                if over || announced > limit {
                     let why = "request body over --max-request-body";
                     self.refuse(Reject { status: 413, why }, None, ctx);
                     return true;
@@ -588,10 +609,7 @@ impl HttpConnection {
     /// The whole request is buffered: find it a backend.
     fn request_complete(&mut self, ctx: &mut Ctx) {
         let body_len = self.up.held();
-        let close_upstream = ctx.config.upstream_keepalive == 0;
         if let Some(ex) = &mut self.exchange {
-            let request = ex.request.as_ref().expect("a request is in flight");
-            ex.head = request.upstream_head(body_len, close_upstream);
             ex.body_len = body_len;
             ex.sent = 0;
         }
@@ -617,7 +635,10 @@ impl HttpConnection {
         match dialled {
             Dialled::Pending => {}
             Dialled::Connected(leg) => {
+                let close_upstream = ctx.config.upstream_keepalive == 0;
                 if let Some(ex) = &mut self.exchange {
+                    let request = ex.request.as_ref().expect("a request is in flight");
+                    ex.head = request.upstream_head(ex.body_len, close_upstream, leg.addr());
                     ex.backend = Some(leg.addr());
                     ex.sent = 0;
                 }
@@ -646,11 +667,9 @@ impl HttpConnection {
         }
         let sent = self.exchange.as_ref().map_or(0, |e| e.sent);
         let mut acted = sent != sent_before;
-        let head_request = self
-            .exchange
-            .as_ref()
-            .and_then(|e| e.request.as_ref())
-            .is_some_and(Request::is_head);
+        let request = self.exchange.as_ref().and_then(|e| e.request.as_ref());
+        let head_request = request.is_some_and(Request::is_head);
+        let upgrade_asked = request.is_some_and(|r| r.upgrade.is_some());
         let max = ctx.config.max_header_size as usize;
         for _ in 0..OPS_PER_STEP {
             let buf = match self.backend_inbox.peek() {
@@ -662,20 +681,22 @@ impl HttpConnection {
                     Err(_) => {
                         return self.bad_response("malformed or oversized response head", ctx);
                     }
-                    Ok(Found::Complete(n)) => match parse_response(&buf[..n], head_request) {
-                        Ok(ResponseHead::Interim(n)) => {
-                            self.backend_inbox.consume(n);
-                            self.backend_scan.reset();
-                            continue;
+                    Ok(Found::Complete(n)) => {
+                        match parse_response(&buf[..n], head_request, upgrade_asked) {
+                            Ok(ResponseHead::Interim(n)) => {
+                                self.backend_inbox.consume(n);
+                                self.backend_scan.reset();
+                                continue;
+                            }
+                            Ok(ResponseHead::Final(response)) => {
+                                self.backend_inbox.consume(n);
+                                self.backend_scan.reset();
+                                self.begin_response(response, ctx);
+                                return true;
+                            }
+                            Err(reject) => return self.bad_response(reject.why, ctx),
                         }
-                        Ok(ResponseHead::Final(response)) => {
-                            self.backend_inbox.consume(n);
-                            self.backend_scan.reset();
-                            self.begin_response(response, ctx);
-                            return true;
-                        }
-                        Err(reject) => return self.bad_response(reject.why, ctx),
-                    },
+                    }
                     Ok(Found::Partial) => {}
                 }
             }
@@ -817,6 +838,26 @@ impl HttpConnection {
         let Phase::Exchange(leg) = std::mem::replace(&mut self.phase, Phase::Delivering) else {
             return;
         };
+        if let Some(protocol) = &response.switched_to {
+            log::debug!(
+                "{} switched to {protocol}: relaying bytes from now on",
+                self.id
+            );
+            let buf = self.backend_inbox.peek().unwrap_or(&[]);
+            let taken = push_all(&mut self.down, buf);
+            self.backend_inbox.consume(taken);
+            self.log_access(ctx.metrics);
+            self.exchange = None;
+            self.deadline = None;
+            self.phase = Phase::Upgraded(leg);
+            return;
+        }
+        if response.streaming {
+            // Passed on as it comes: memory only, the backend held back to
+            // the client's pace (Server-Sent Events, long polls).
+            self.down.set_spill_limit(0);
+            self.streaming = true;
+        }
         self.set_deadline(ctx.config.backend_timeout, Expiry::Backend);
         match response.framing {
             Framing::None => {
@@ -958,6 +999,9 @@ impl HttpConnection {
         if let Some(ex) = &mut self.exchange {
             ex.backend_held = held.unwrap_or_default();
         }
+        if std::mem::take(&mut self.streaming) {
+            self.down.set_spill_limit(ctx.plan.max_spill);
+        }
         self.deadline = None;
         self.phase = Phase::Delivering;
     }
@@ -1026,7 +1070,7 @@ impl HttpConnection {
     /// The response is delivered: log it, and wait for the next request
     /// or close.
     fn finish_request(&mut self, ctx: &mut Ctx) {
-        self.log_access();
+        self.log_access(ctx.metrics);
         self.exchange = None;
         self.requests += 1;
         if self.close_after || ctx.stopping {
@@ -1130,10 +1174,12 @@ impl HttpConnection {
         });
         ex.status = Some(reject.status);
         self.up.abort();
+        // What the client sent that was not parsed yet is dropped with it.
+        self.dropped += self.inbox.discard();
         self.down.answer(&answer::error(reject.status));
         self.close_after = true;
         self.deadline = None;
-        self.log_access();
+        self.log_access(ctx.metrics);
         self.exchange = None;
     }
 
@@ -1149,7 +1195,7 @@ impl HttpConnection {
         if let Some(leg) = take_leg(&mut self.phase) {
             leg.close(true, ctx);
         }
-        self.log_access();
+        self.log_access(ctx.metrics);
         self.exchange = None;
         self.down.abort();
         self.up.abort();
@@ -1178,7 +1224,7 @@ impl HttpConnection {
             _ => {}
         }
         if self.exchange.as_ref().is_some_and(|e| e.status.is_some()) {
-            self.log_access();
+            self.log_access(ctx.metrics);
         }
         self.exchange = None;
         self.up.abort();
@@ -1294,8 +1340,14 @@ impl HttpConnection {
         }
     }
 
-    fn finish_turn(&mut self, busy: bool) -> Status {
+    fn finish_turn(&mut self, busy: bool, ctx: &Ctx) -> Status {
         if self.client.io.is_none() {
+            self.report(ctx);
+            let m = ctx.metrics;
+            m.closed(Outcome::of_reason(
+                self.trouble.as_deref().unwrap_or("done"),
+            ));
+            m.client_time.observe(self.opened.elapsed());
             debug_assert!(
                 !matches!(
                     self.phase,
@@ -1313,20 +1365,24 @@ impl HttpConnection {
     }
 
     /// What the directions have to tell the operator, once each.
-    fn tell_news(&mut self) {
+    fn tell_news(&mut self, ctx: &Ctx) {
         let what = [
             (
                 &mut self.up,
                 "a client request body is buffered to a temporary file",
+                0,
             ),
             (
                 &mut self.down,
                 "an upstream response is buffered to a temporary file",
+                1,
             ),
         ];
-        for (dir, text) in what {
+        for (dir, text, d) in what {
             while let Some(news) = dir.news() {
+                count_news(ctx.metrics, &news, d);
                 match news {
+                    News::SpillLimit => {}
                     News::FirstSpill => log::warn!(
                         "{} {}: {text}: client={} more than memory_buffer={} held; spill file in {} (raise --memory-buffer to keep more in memory)",
                         self.id,
@@ -1355,12 +1411,41 @@ impl HttpConnection {
         }
     }
 
+    /// Add what moved since the last turn to the worker's counters.
+    fn report(&mut self, ctx: &Ctx) {
+        let in_flight = self.exchange.as_ref().map_or(0, |e| e.sent);
+        let now = [
+            self.sent_total + in_flight,
+            self.down.bytes_out(),
+            self.up.buf().spilled_total(),
+            self.down.buf().spilled_total(),
+        ];
+        let m = ctx.metrics;
+        let cells = [&m.bytes[0], &m.bytes[1], &m.spilled[0], &m.spilled[1]];
+        for ((cell, now), before) in cells.into_iter().zip(now).zip(&mut self.reported) {
+            if now > *before {
+                cell.add(now - *before);
+                *before = now;
+            }
+        }
+    }
+
     /// One INFO line per request: what was asked, how it was answered,
     /// bytes each way and spilled, the backend and how long it was held.
-    fn log_access(&self) {
+    fn log_access(&mut self, m: &WorkerMetrics) {
         let Some(ex) = &self.exchange else {
             return;
         };
+        self.sent_total += ex.sent;
+        if let Some(status) = ex.status {
+            m.http_request(status, ex.started.elapsed());
+        }
+        if ex.backend.is_some() && ex.status.is_some() {
+            m.backend_hold.observe(ex.backend_held);
+        }
+        if self.up.buf().spilled_total() > ex.up_spilled {
+            m.http_bodies_spilled.add(1);
+        }
         let line = ex
             .request
             .as_ref()
@@ -1372,7 +1457,14 @@ impl HttpConnection {
             self.client_addr,
             Label(ex.backend),
             ex.sent,
-            self.down.bytes_out() - ex.down_out,
+            // An answer being closed with is counted whole: it is logged
+            // before it is delivered.
+            self.down.bytes_out() - ex.down_out
+                + if matches!(self.phase, Phase::Closing) {
+                    self.down.held()
+                } else {
+                    0
+                },
             self.up.buf().spilled_total() - ex.up_spilled,
             self.down.buf().spilled_total() - ex.down_spilled,
             ex.backend_held.as_secs_f64(),
@@ -1386,12 +1478,41 @@ impl HttpConnection {
             self.id,
             self.client_addr,
             self.requests,
-            self.up.bytes_out(),
+            self.sent_total,
             self.down.bytes_out(),
             self.dropped + self.up.bytes_dropped() + self.down.bytes_dropped(),
             self.opened.elapsed().as_secs_f64(),
             self.trouble.as_deref().unwrap_or("done")
         );
+    }
+
+    /// Once the backend has switched protocols: what the relay that takes
+    /// over needs. Whatever the client sent after its request goes to the
+    /// backend first.
+    pub fn take_tunnel(&mut self, ctx: &mut Ctx) -> Option<Tunnel> {
+        if !matches!(self.phase, Phase::Upgraded(_)) || self.client.io.is_none() {
+            return None;
+        }
+        let Phase::Upgraded(leg) = std::mem::replace(&mut self.phase, Phase::Closing) else {
+            return None;
+        };
+        let mut up = ctx.plan.direction("client->backend");
+        if let Ok(buf) = self.inbox.peek() {
+            let taken = push_all(&mut up, buf);
+            self.inbox.consume(taken);
+        }
+        let mut down = std::mem::replace(&mut self.down, ctx.plan.direction("backend->client"));
+        down.unlimited();
+        Some(Tunnel {
+            id: self.id.0,
+            slot: self.slot,
+            client: std::mem::replace(&mut self.client, Peer::absent()),
+            client_addr: self.client_addr,
+            leg,
+            up,
+            down,
+            opened: self.opened,
+        })
     }
 
     // ---------------------------------------------------------------
@@ -1409,7 +1530,7 @@ impl HttpConnection {
         self.up.abort();
         self.down.abort();
         self.close_client(!gentle);
-        self.finish_turn(false)
+        self.finish_turn(false, ctx)
     }
 
     pub fn idle_for(&self, now: Instant) -> Duration {
@@ -1440,7 +1561,7 @@ impl HttpConnection {
 /// `Delivering` (the caller sets what comes next).
 fn take_leg(phase: &mut Phase) -> Option<BackendLeg> {
     match std::mem::replace(phase, Phase::Delivering) {
-        Phase::Exchange(leg) | Phase::ResponseBody(leg, _) => Some(leg),
+        Phase::Exchange(leg) | Phase::ResponseBody(leg, _) | Phase::Upgraded(leg) => Some(leg),
         other => {
             *phase = other;
             None

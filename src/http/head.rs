@@ -151,9 +151,21 @@ pub struct Request {
     pub keep_alive: bool,
     /// `Expect: 100-continue` was asked.
     pub expect_continue: bool,
-    /// Our head for the backend, without its `Content-Length` and final
-    /// CRLF (`upstream_head` finishes it once the body's length is known).
-    head: String,
+    /// The protocol the client asks to switch to (`Upgrade` with
+    /// `Connection: upgrade`, HTTP/1.1 only): passed on, and only a 101
+    /// from the backend makes the connection a tunnel.
+    pub upgrade: Option<String>,
+    /// Our head for the backend: the request line, and the fields, without
+    /// a `Content-Length` or the final CRLF (`upstream_head` finishes it
+    /// once the body's length and the backend are known).
+    request_line: String,
+    /// The fields, byte for byte as received (obs-text included).
+    head: Vec<u8>,
+    /// An HTTP/1.0 request without `Host`: the backend (HTTP/1.1) is sent
+    /// the authority of an absolute target, else its own address (as nginx
+    /// sends `$proxy_host`).
+    host_missing: bool,
+    authority: Option<String>,
 }
 
 impl Request {
@@ -162,24 +174,59 @@ impl Request {
         self.method == "HEAD"
     }
 
-    /// The head for the backend, for a body of `body_len` bytes (if the
-    /// request had a body at all), asking the backend to close after it if
-    /// `close`.
-    pub fn upstream_head(&self, body_len: u64, close: bool) -> Vec<u8> {
-        let mut head = self.head.clone();
+    /// The head for the backend at `backend`, for a body of `body_len`
+    /// bytes (if the request had a body at all), asking the backend to
+    /// close after it if `close`.
+    pub fn upstream_head(&self, body_len: u64, close: bool, backend: SocketAddr) -> Vec<u8> {
+        let mut head = self.request_line.clone();
+        if self.host_missing {
+            match &self.authority {
+                Some(authority) => {
+                    let _ = write!(head, "Host: {authority}\r\n");
+                }
+                None => {
+                    let _ = write!(head, "Host: {backend}\r\n");
+                }
+            }
+        }
+        let mut head = head.into_bytes();
+        head.extend_from_slice(&self.head);
+        let mut head = TailWriter(head);
         if self.framing != Framing::None {
             let _ = write!(head, "Content-Length: {body_len}\r\n");
         }
-        if close {
-            head.push_str("Connection: close\r\n");
+        if let Some(protocol) = &self.upgrade {
+            let _ = write!(head, "Upgrade: {protocol}\r\nConnection: upgrade\r\n");
+        } else if close {
+            let _ = head.write_str("Connection: close\r\n");
         }
-        head.push_str("\r\n");
-        head.into_bytes()
+        let _ = head.write_str("\r\n");
+        head.0
     }
 
     /// `GET /path HTTP/1.1`, for logs.
     pub fn line(&self) -> String {
         format!("{} {} HTTP/1.{}", self.method, self.target, self.minor)
+    }
+}
+
+/// A byte buffer that `write!` can append text to.
+struct TailWriter(Vec<u8>);
+
+impl TailWriter {
+    fn push_str(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl std::fmt::Write for TailWriter {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -247,23 +294,35 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
     } else {
         fields.connection_keep_alive && !fields.connection_close
     };
+    let upgrade = match fields.upgrade {
+        Some(value) if minor == 1 && fields.connection_upgrade => {
+            Some(protocols(value).ok_or(Reject {
+                status: 400,
+                why: "malformed Upgrade",
+            })?)
+        }
+        _ => None,
+    };
     let expect_continue = match fields.expect {
         None => false,
         Some(v) if v.eq_ignore_ascii_case(b"100-continue") => minor == 1,
         Some(_) => return reject(417, "an Expect other than 100-continue"),
     };
-    let mut head = format!("{method} {target} HTTP/1.1\r\n");
+    let request_line = format!("{method} {target} HTTP/1.1\r\n");
+    let mut head = Vec::new();
     fields.write_forwarded(&mut head);
     let ip = client.ip();
-    match &fields.forwarded_for {
-        Some(before) => {
-            let _ = write!(head, "X-Forwarded-For: {before}, {ip}\r\n");
-        }
-        None => {
-            let _ = write!(head, "X-Forwarded-For: {ip}\r\n");
-        }
+    head.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(before) = &fields.forwarded_for {
+        head.extend_from_slice(before);
+        head.extend_from_slice(b", ");
     }
-    let _ = write!(head, "X-Real-IP: {ip}\r\nX-Forwarded-Proto: http\r\n");
+    let mut head = TailWriter(head);
+    let _ = write!(
+        head,
+        "{ip}\r\nX-Real-IP: {ip}\r\nX-Forwarded-Proto: http\r\n"
+    );
+    let head = head.0;
     Ok(Request {
         method,
         target,
@@ -271,8 +330,28 @@ pub fn parse_request(head: &[u8], client: SocketAddr) -> Result<Request, Reject>
         framing,
         keep_alive,
         expect_continue,
+        upgrade,
+        request_line,
         head,
+        host_missing: host.is_none(),
+        authority: authority.map(str::to_string),
     })
+}
+
+/// An `Upgrade` value: protocols (`token[/token]`), comma-separated.
+fn protocols(value: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(value).ok()?;
+    let ok = text.split(',').all(|p| {
+        let p = p.trim_matches([' ', '\t']);
+        !p.is_empty()
+            && p.split('/').count() <= 2
+            && p.split('/').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            })
+    });
+    ok.then(|| text.trim().to_string())
 }
 
 /// The target in origin-form for the backend, and the authority of an
@@ -312,26 +391,23 @@ fn split_target<'a>(method: &str, target: &'a str) -> Result<(String, Option<&'a
 /// brackets; no spaces, slashes, `@` or anything else that could make two
 /// parsers read two different hosts.
 fn valid_host(host: &str) -> bool {
-    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+    let port_ok =
+        |port: &str| (1..=5).contains(&port.len()) && port.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
         let Some((literal, after)) = rest.split_once(']') else {
             return false;
         };
-        if literal.is_empty()
-            || !literal
+        let literal_ok = !literal.is_empty()
+            && literal
                 .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        {
-            return false;
-        }
-        match after {
-            "" => return true,
-            p => (literal, p.strip_prefix(':').unwrap_or("x")),
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) => (name, port),
-            None => (host, ""),
-        }
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        return literal_ok && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok));
+    }
+    // A reg-name or IPv4 address has no ':' of its own: one ':' at most,
+    // and what follows it is the port.
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
     };
     let name_ok = !name.is_empty()
         && name.bytes().all(|b| {
@@ -353,11 +429,9 @@ fn valid_host(host: &str) -> bool {
                         | b';'
                         | b'='
                         | b'%'
-                        | b':'
                 )
         });
-    let port_ok = port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
-    name_ok && port_ok && (!host.contains(':') || !port.is_empty() || host.starts_with('['))
+    name_ok && port.is_none_or(port_ok)
 }
 
 /// What the header fields of a head say, read in two passes: `Connection`
@@ -368,12 +442,16 @@ struct Fields<'h, 'b> {
     transfer_encoding: Option<Vec<String>>,
     hosts: Vec<&'b str>,
     expect: Option<&'b [u8]>,
+    upgrade: Option<&'b [u8]>,
+    /// `X-Accel-Buffering: no` (responses).
+    unbuffered: bool,
     connection_close: bool,
+    connection_upgrade: bool,
     connection_keep_alive: bool,
     /// Field names `Connection` lists (lowercase): hop-by-hop too.
     connection_names: Vec<String>,
-    /// The `X-Forwarded-For` values received, joined.
-    forwarded_for: Option<String>,
+    /// The `X-Forwarded-For` values received, joined, byte for byte.
+    forwarded_for: Option<Vec<u8>>,
     /// Judged as a request (else a response: errors are the backend's).
     request: bool,
 }
@@ -387,7 +465,10 @@ impl<'h, 'b> Fields<'h, 'b> {
             transfer_encoding: None,
             hosts: Vec::new(),
             expect: None,
+            upgrade: None,
+            unbuffered: false,
             connection_close: false,
+            connection_upgrade: false,
             connection_keep_alive: false,
             connection_names: Vec::new(),
             forwarded_for: None,
@@ -419,6 +500,10 @@ impl<'h, 'b> Fields<'h, 'b> {
                 f.hosts.push(host);
             } else if name.eq_ignore_ascii_case("expect") && request {
                 f.expect = Some(h.value);
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                f.upgrade = Some(h.value);
+            } else if name.eq_ignore_ascii_case("x-accel-buffering") && !request {
+                f.unbuffered = h.value.eq_ignore_ascii_case(b"no");
             } else if name.eq_ignore_ascii_case("connection") {
                 for token in list(h.value).ok_or(Reject {
                     status: bad,
@@ -428,15 +513,16 @@ impl<'h, 'b> Fields<'h, 'b> {
                     match token.as_str() {
                         "close" => f.connection_close = true,
                         "keep-alive" => f.connection_keep_alive = true,
+                        "upgrade" => f.connection_upgrade = true,
                         _ => f.connection_names.push(token),
                     }
                 }
             } else if name.eq_ignore_ascii_case("x-forwarded-for") && request {
-                let value = String::from_utf8_lossy(h.value);
-                f.forwarded_for = Some(match f.forwarded_for.take() {
-                    Some(before) => format!("{before}, {value}"),
-                    None => value.into_owned(),
-                });
+                let joined = f.forwarded_for.get_or_insert_with(Vec::new);
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b", ");
+                }
+                joined.extend_from_slice(h.value);
             }
         }
         Ok(f)
@@ -476,6 +562,11 @@ impl<'h, 'b> Fields<'h, 'b> {
     /// `X-Forwarded-*` and `X-Real-IP` we set ourselves.
     fn forwarded(&self, name: &str) -> bool {
         let lower = name.to_ascii_lowercase();
+        // Host is never hop-by-hop, whatever `Connection` says: an HTTP/1.1
+        // request without it must be refused by the backend.
+        if lower == "host" {
+            return true;
+        }
         !(HOP_BY_HOP.contains(&lower.as_str())
             || lower == "content-length"
             || name.contains('_')
@@ -484,17 +575,18 @@ impl<'h, 'b> Fields<'h, 'b> {
                 && matches!(
                     lower.as_str(),
                     "x-forwarded-for" | "x-real-ip" | "x-forwarded-proto" | "expect"
-                )))
+                ))
+            || (!self.request && lower == "x-accel-buffering"))
     }
 
     /// Write each field that is passed on, as received.
-    fn write_forwarded(&self, out: &mut String) {
+    fn write_forwarded(&self, out: &mut Vec<u8>) {
         for h in self.all.iter().filter(|h| self.forwarded(h.name)) {
-            out.push_str(h.name);
-            out.push_str(": ");
-            // obs-text passes through byte for byte in what httparse let by.
-            out.push_str(&String::from_utf8_lossy(h.value));
-            out.push_str("\r\n");
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            // Byte for byte: obs-text (0x80-0xFF) is the sender's business.
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
         }
     }
 }
@@ -532,11 +624,17 @@ pub struct Response {
     pub framing: Framing,
     /// The backend will take another request on this connection.
     pub reusable: bool,
+    /// `X-Accel-Buffering: no`: pass the body on as it comes, never
+    /// spilled, holding the backend back to the client's pace.
+    pub streaming: bool,
+    /// A 101: the protocol switched to, and the connection becomes a
+    /// tunnel.
+    pub switched_to: Option<String>,
     /// `Content-Length` as received, for a response that has no body but
     /// describes one (HEAD, 304).
     declared_length: Option<u64>,
     reason: String,
-    fields: String,
+    fields: Vec<u8>,
 }
 
 /// What reading a response head gave.
@@ -549,7 +647,11 @@ pub enum ResponseHead {
 
 /// Parse and judge the response head `head` (ending in CRLF CRLF) to a
 /// request (`head_request`: it was a HEAD).
-pub fn parse_response(head: &[u8], head_request: bool) -> Result<ResponseHead, Reject> {
+pub fn parse_response(
+    head: &[u8],
+    head_request: bool,
+    upgrade_asked: bool,
+) -> Result<ResponseHead, Reject> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut resp = httparse::Response::new(&mut fields);
     match resp.parse(head) {
@@ -562,17 +664,30 @@ pub fn parse_response(head: &[u8], head_request: bool) -> Result<ResponseHead, R
     if !(100..=599).contains(&status) {
         return reject(502, "status code out of range");
     }
-    if status == 101 {
+    if status == 101 && !upgrade_asked {
         return reject(
             502,
             "101 Switching Protocols to a request that asked for no upgrade",
         );
     }
-    if status < 200 {
+    if status < 200 && status != 101 {
         return Ok(ResponseHead::Interim(head.len()));
     }
     let f = Fields::read(resp.headers, false)?;
-    let backend_framing = f.framing()?;
+    let switched_to = if status == 101 {
+        let to = f.upgrade.and_then(protocols).ok_or(Reject {
+            status: 502,
+            why: "a 101 without a valid Upgrade",
+        })?;
+        Some(to)
+    } else {
+        None
+    };
+    let backend_framing = if switched_to.is_some() {
+        Framing::None
+    } else {
+        f.framing()?
+    };
     let no_body = head_request || status == 204 || status == 304;
     let framing = if no_body {
         Framing::None
@@ -583,13 +698,15 @@ pub fn parse_response(head: &[u8], head_request: bool) -> Result<ResponseHead, R
         && !f.connection_close
         && framing != Framing::UntilClose
         && !(status == 204 && f.content_length.is_some_and(|n| n > 0));
-    let mut out = String::new();
+    let mut out = Vec::new();
     f.write_forwarded(&mut out);
     let reason = resp.reason.unwrap_or("").to_string();
     Ok(ResponseHead::Final(Response {
         status,
         framing,
-        reusable,
+        reusable: reusable && switched_to.is_none(),
+        streaming: f.unbuffered,
+        switched_to,
         declared_length: f.content_length.filter(|_| no_body && status != 204),
         reason,
         fields: out,
@@ -610,8 +727,13 @@ impl Response {
     /// The head for the client: the status line, the fields passed on,
     /// our framing, and whether the connection stays open.
     pub fn client_head(&self, client_minor: u8, keep_alive: bool) -> (Vec<u8>, ClientFraming) {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
-        head.push_str(&self.fields);
+        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason).into_bytes();
+        head.extend_from_slice(&self.fields);
+        let mut head = TailWriter(head);
+        if let Some(protocol) = &self.switched_to {
+            let _ = write!(head, "Upgrade: {protocol}\r\nConnection: upgrade\r\n\r\n");
+            return (head.into_bytes(), ClientFraming::AsSent);
+        }
         let mut how = ClientFraming::AsSent;
         match self.framing {
             Framing::None => {
@@ -775,6 +897,12 @@ mod tests {
             ("GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", 200),
             ("GET / HTTP/1.1\r\nHost: example.com:8080\r\n\r\n", 200),
             ("GET / HTTP/1.1\r\nHost: example.com:80x\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a:b:80\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: ::1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: a:\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", 400),
+            ("GET / HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n\r\n", 200),
             ("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 200),
         ];
         for (head, status) in table {
@@ -815,7 +943,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.framing, Framing::Chunked);
         assert!(r.expect_continue && r.keep_alive);
-        let head = String::from_utf8(r.upstream_head(11, false)).unwrap();
+        let backend: SocketAddr = "10.0.0.9:8000".parse().unwrap();
+        let head = String::from_utf8(r.upstream_head(11, false, backend)).unwrap();
         assert_eq!(
             head,
             "POST /up?x=1 HTTP/1.1\r\nHost: Example.com\r\nAccept: */*\r\n\
@@ -824,9 +953,22 @@ mod tests {
         );
         let get = request("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
         assert_eq!(
-            String::from_utf8(get.upstream_head(0, true)).unwrap(),
+            String::from_utf8(get.upstream_head(0, true, backend)).unwrap(),
             "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\n\
              X-Forwarded-Proto: http\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    /// HTTP/1.0 may come without Host; HTTP/1.1 to the backend may not:
+    /// it gets the backend's address.
+    #[test]
+    fn a_request_without_host_gets_the_backends() {
+        let r = request("GET / HTTP/1.0\r\n\r\n").unwrap();
+        let backend: SocketAddr = "10.0.0.9:8000".parse().unwrap();
+        let head = String::from_utf8(r.upstream_head(0, false, backend)).unwrap();
+        assert!(
+            head.starts_with("GET / HTTP/1.1\r\nHost: 10.0.0.9:8000\r\n"),
+            "{head}"
         );
     }
 
@@ -867,7 +1009,7 @@ mod tests {
     }
 
     fn response(head: &str, head_request: bool) -> Result<Response, Reject> {
-        match parse_response(head.as_bytes(), head_request)? {
+        match parse_response(head.as_bytes(), head_request, false)? {
             ResponseHead::Final(r) => Ok(r),
             ResponseHead::Interim(_) => panic!("interim"),
         }
@@ -932,7 +1074,7 @@ mod tests {
             assert_eq!(response(bad, false).unwrap_err().status, 502, "{bad:?}");
         }
         assert!(matches!(
-            parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", false),
+            parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", false, false),
             Ok(ResponseHead::Interim(25))
         ));
     }

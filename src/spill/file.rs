@@ -94,6 +94,12 @@ impl SpillFile {
         self.tail - self.head
     }
 
+    /// Change `--max-spill` for what comes next (0: never spill). Not below
+    /// what waits on disk now.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit.max(self.backlog());
+    }
+
     /// Bytes that may still come before `--max-spill` is reached.
     pub fn room(&self) -> u64 {
         self.limit - self.backlog()

@@ -82,6 +82,12 @@ pub enum Drain {
     SpillFailed(io::Error),
 }
 
+/// Bytes this thread's buffers hold in memory now: `Vec`s taken from the
+/// pool (whole, as allocated) and bytes in pipes.
+pub fn memory_in_use() -> u64 {
+    (buffer_pool::in_use() + zerocopy::piped()) as u64
+}
+
 /// Whether a buffer's memory is a pipe the kernel splices through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Splice {
@@ -334,6 +340,12 @@ impl SpillBuffer {
         self.mem_len -= n;
         self.after_memory_drained();
         self.check_invariants();
+    }
+
+    /// Change how much may wait on disk from now on (0: nothing more goes
+    /// to disk, and a full memory means backpressure).
+    pub fn set_spill_limit(&mut self, limit: u64) {
+        self.file.set_limit(limit);
     }
 
     /// Never use a pipe for this buffer's memory: its bytes are to be

@@ -38,6 +38,27 @@ pub struct Pipe {
     full: bool,
 }
 
+thread_local! {
+    /// Bytes in this thread's pipes now (for the memory gauge).
+    static PIPED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Bytes held in this thread's pipes now.
+pub fn piped() -> usize {
+    PIPED.get()
+}
+
+/// `len` changed from `before` to `after`: keep the thread's sum.
+fn track(before: usize, after: usize) {
+    PIPED.set((PIPED.get() + after).saturating_sub(before));
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        track(self.len, 0);
+    }
+}
+
 impl Pipe {
     /// A non-blocking pipe to hold up to `memory` bytes, or `None` if the
     /// kernel will not make one that large (past `pipe-max-size`, or a
@@ -104,6 +125,7 @@ impl Pipe {
                 self.full = true;
             }
         })?;
+        track(self.len, self.len + n);
         self.len += n;
         Ok(n)
     }
@@ -114,6 +136,7 @@ impl Pipe {
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        track(self.len, self.len - n);
         self.len -= n;
         self.full = false;
         Ok(n)
@@ -150,6 +173,7 @@ impl Pipe {
                 "the pipe gave back {got} of the {want} bytes put in"
             )));
         }
+        track(self.len, 0);
         self.len = 0;
         self.full = false;
         Ok(got)

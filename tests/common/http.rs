@@ -17,8 +17,10 @@ use super::{Bg, listen, spawn};
 pub struct Got {
     /// Which of the backend's connections (0, 1, ...) it came on.
     pub conn: usize,
-    /// The head exactly as received, through the blank line.
+    /// The head as received, through the blank line (lossy UTF-8).
     pub head: String,
+    /// The same head byte for byte, for bytes that are not UTF-8.
+    pub head_bytes: Vec<u8>,
     pub body: Vec<u8>,
     /// When the backend accepted the connection it came on, and when the
     /// request's last byte was in.
@@ -174,12 +176,13 @@ fn handle(
     s.set_read_timeout(Some(Duration::from_millis(50))).ok();
     let mut buf = Vec::new();
     loop {
-        let Some((head, body)) = read_request(&mut s, &mut buf, stop) else {
+        let Some((head_bytes, body)) = read_request(&mut s, &mut buf, stop) else {
             return;
         };
         let request = Got {
             conn,
-            head,
+            head: String::from_utf8_lossy(&head_bytes).into_owned(),
+            head_bytes,
             body,
             accepted_at,
             complete_at: Instant::now(),
@@ -211,18 +214,18 @@ fn handle(
     }
 }
 
-/// Read one request framed by `Content-Length` (or none); `None` when the
-/// connection ends or the test stops first.
+/// Read one request framed by `Content-Length` (or none): its head and
+/// body; `None` when the connection ends or the test stops first.
 fn read_request(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
     stop: &AtomicBool,
-) -> Option<(String, Vec<u8>)> {
+) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut chunk = [0u8; 64 * 1024];
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            let len = head
+            let head = buf[..end + 4].to_vec();
+            let len = String::from_utf8_lossy(&head)
                 .split("\r\n")
                 .filter_map(|l| l.split_once(':'))
                 .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
@@ -469,4 +472,202 @@ pub fn post(path: &str, body: &[u8]) -> Vec<u8> {
     .into_bytes();
     r.extend_from_slice(body);
     r
+}
+
+/// Wait until the process at the other end of `stream` has read every byte
+/// written to it so far, the stream staying open (`wait_until_peer_read_all`
+/// is the same for a stream shut with its FIN): the peer's kernel has
+/// acknowledged them all (our `SIOCOUTQ` is zero), then its socket's receive
+/// queue is empty. What is written next reaches the peer in a read of its
+/// own: how a test cuts a request at an exact byte. The queue is asked of
+/// the kernel by `sock_diag` for that one socket, since reading all of
+/// `/proc/net/tcp` costs milliseconds once thousands of sockets linger in
+/// TIME_WAIT, and a test may do this hundreds of times.
+pub fn wait_until_peer_has_read(stream: &TcpStream, timeout: Duration) {
+    use std::os::unix::io::AsRawFd;
+    const STEP: Duration = Duration::from_micros(100);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut unacked: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int through the pointer,
+        // which points at a live local; the fd is owned by `stream`.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unacked) };
+        assert_eq!(rc, 0, "ioctl(SIOCOUTQ): {}", io::Error::last_os_error());
+        if unacked == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unacked} bytes still unacknowledged after {timeout:?}"
+        );
+        thread::sleep(STEP);
+    }
+    // The peer's socket: local and remote swapped.
+    let peer = stream.peer_addr().expect("peer_addr");
+    let local = stream.local_addr().expect("local_addr");
+    loop {
+        let unread = tcp_receive_queue(peer, local);
+        if unread == Some(0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer {peer} left {unread:?} bytes unread for {timeout:?}"
+        );
+        thread::sleep(STEP);
+    }
+}
+
+/// Bytes received and not yet read by its process on the IPv4 TCP socket
+/// `local` -> `remote` (what `/proc/net/tcp` calls `rx_queue`), asked of
+/// the kernel with one `SOCK_DIAG_BY_FAMILY` request over netlink; `None`
+/// if there is no such connection.
+pub fn tcp_receive_queue(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h.
+    const NETLINK_SOCK_DIAG: libc::c_int = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct NlMsgHdr {
+        len: u32,
+        kind: u16,
+        flags: u16,
+        seq: u32,
+        pid: u32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct SockId {
+        sport: u16,
+        dport: u16,
+        src: [u32; 4],
+        dst: [u32; 4],
+        interface: u32,
+        cookie: [u32; 2],
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct ReqV2 {
+        family: u8,
+        protocol: u8,
+        ext: u8,
+        pad: u8,
+        states: u32,
+        id: SockId,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Request {
+        header: NlMsgHdr,
+        body: ReqV2,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct DiagMsg {
+        family: u8,
+        state: u8,
+        timer: u8,
+        retrans: u8,
+        id: SockId,
+        expires: u32,
+        rqueue: u32,
+        wqueue: u32,
+        uid: u32,
+        inode: u32,
+    }
+    let v4 = |addr: SocketAddr| match addr {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => panic!("IPv4 only: {addr}"),
+    };
+    let (local, remote) = (v4(local), v4(remote));
+    let request = Request {
+        header: NlMsgHdr {
+            len: std::mem::size_of::<Request>() as u32,
+            kind: SOCK_DIAG_BY_FAMILY,
+            flags: NLM_F_REQUEST,
+            ..NlMsgHdr::default()
+        },
+        body: ReqV2 {
+            family: libc::AF_INET as u8,
+            protocol: libc::IPPROTO_TCP as u8,
+            states: !0,
+            id: SockId {
+                sport: local.port().to_be(),
+                dport: remote.port().to_be(),
+                src: [u32::from_ne_bytes(local.ip().octets()), 0, 0, 0],
+                dst: [u32::from_ne_bytes(remote.ip().octets()), 0, 0, 0],
+                interface: 0,
+                // INET_DIAG_NOCOOKIE: look the socket up by its addresses.
+                cookie: [!0, !0],
+            },
+            ..ReqV2::default()
+        },
+    };
+    // SAFETY: socket() takes integers; a valid fd is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    assert!(fd >= 0, "netlink socket: {}", io::Error::last_os_error());
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_nl is valid; it names the kernel.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: the pointers are to live locals of the sizes given.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            (&raw const request).cast(),
+            std::mem::size_of::<Request>(),
+            0,
+            (&raw const kernel).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    assert!(
+        sent >= 0,
+        "sock_diag request: {}",
+        io::Error::last_os_error()
+    );
+    let mut reply = [0u64; 1024];
+    // SAFETY: `reply` is a live buffer of the size given (u64s: aligned).
+    let got = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            reply.as_mut_ptr().cast(),
+            std::mem::size_of_val(&reply),
+            0,
+        )
+    };
+    assert!(got >= 0, "sock_diag reply: {}", io::Error::last_os_error());
+    let got = got as usize;
+    let header_len = std::mem::size_of::<NlMsgHdr>();
+    assert!(got >= header_len, "a short sock_diag reply");
+    // SAFETY: at least a header's worth of bytes came, the buffer is
+    // aligned for it, and any bytes are a valid NlMsgHdr.
+    let header: NlMsgHdr = unsafe { std::ptr::read(reply.as_ptr().cast()) };
+    if header.kind == NLMSG_ERROR {
+        // ENOENT: no such socket (it closed, or never was).
+        return None;
+    }
+    assert_eq!(
+        header.kind, SOCK_DIAG_BY_FAMILY,
+        "an unexpected netlink reply"
+    );
+    assert!(got >= header_len + std::mem::size_of::<DiagMsg>());
+    // SAFETY: the message follows the header (4-byte aligned, which the
+    // u64 buffer gives), the length was checked, any bytes are valid.
+    let msg: DiagMsg =
+        unsafe { std::ptr::read(reply.as_ptr().cast::<u8>().add(header_len).cast()) };
+    // The kernel falls back to a listener on `local` when no connection
+    // matches: that is not the socket asked about.
+    let asked = request.body.id;
+    (msg.id.dport == asked.dport && msg.id.dst[0] == asked.dst[0]).then_some(msg.rqueue)
 }
