@@ -94,6 +94,43 @@ pub struct Figures {
     pub kept_sending: u64,
     pub kept_sending_exact: u64,
     pub by_backend: Vec<u64>,
+    /// The close lines' sums, as the proxy's metrics count them.
+    pub up_bytes: u64,
+    pub down_bytes: u64,
+    pub up_spilled: u64,
+    pub down_spilled: u64,
+    pub outcomes: [u64; OUTCOMES.len()],
+}
+
+/// The outcomes `spillway_connections_closed_total` counts, in its order.
+pub const OUTCOMES: [&str; 7] = [
+    "done",
+    "client_reset",
+    "backend_reset",
+    "no_backend",
+    "timeout",
+    "cut_at_shutdown",
+    "error",
+];
+
+/// The outcome the proxy's metrics give a close line's `reason=` (as its
+/// `metrics::Outcome::of_reason` does, for the reasons of tcp mode).
+fn outcome(reason: &str) -> usize {
+    if reason == "done" || reason == "shutdown: quiet" {
+        0
+    } else if reason.starts_with("client") {
+        1
+    } else if reason.starts_with("backend") {
+        2
+    } else if reason.starts_with("no backend") {
+        3
+    } else if reason.contains("timeout") {
+        4
+    } else if reason.starts_with("shutdown") {
+        5
+    } else {
+        6
+    }
 }
 
 struct Inner {
@@ -321,6 +358,11 @@ impl Books {
         inner.finalized.contains(&id) || inner.entries.get(&id).is_some_and(|e| e.close.is_some())
     }
 
+    /// Backend connections without a whole hello, per backend.
+    pub fn anonymous(&self) -> Vec<u64> {
+        self.lock().anonymous.clone()
+    }
+
     pub fn figures(&self) -> Figures {
         self.lock().figures.clone()
     }
@@ -423,6 +465,11 @@ fn check(
         )
     };
 
+    f.up_bytes += l.up_bytes;
+    f.down_bytes += l.down_bytes;
+    f.up_spilled += l.up_spilled;
+    f.down_spilled += l.down_spilled;
+    f.outcomes[outcome(&l.reason)] += 1;
     f.connections += 1;
     f.bytes_up += c.sent;
     f.bytes_down += c.received;

@@ -7,6 +7,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -139,6 +140,9 @@ pub struct Injected {
     /// Backends seen serving again after an outage, and those not.
     pub recovered: AtomicU64,
     pub not_recovered: AtomicU64,
+    pub scrapes: AtomicU64,
+    /// The most the tmpfs held beyond the ballast, as df sees it.
+    pub spill_disk_peak: AtomicU64,
 }
 
 /// A backend back from an outage, and its accept count then.
@@ -156,6 +160,11 @@ pub struct Faults<'a> {
     pub pid: u32,
     pub injected: &'a Injected,
     pub stop: &'a AtomicBool,
+    pub metrics: Option<std::net::SocketAddr>,
+    pub max_disk: u64,
+    pub max_connections: u64,
+    /// The tmpfs's use before the proxy spilled anything.
+    pub disk_base: u64,
 }
 
 impl Faults<'_> {
@@ -172,9 +181,35 @@ impl Faults<'_> {
         let mut ballast: Option<(File, Instant)> = None;
         let flapper = self.backends.flapper();
         let mut watches: Vec<Watch> = Vec::new();
+        let mut next_scrape = start + rng.millis(1_000, 4_000);
+        let mut last_scrape = None;
+        let mut disk_over = false;
         while !self.stop.load(Ordering::Relaxed) && !self.world.abort.load(Ordering::Relaxed) {
             let now = Instant::now();
             watches.retain(|w| !self.recovered(w, now));
+            if let Some(addr) = self.metrics.filter(|_| now >= next_scrape) {
+                self.scrape(addr, &mut last_scrape);
+                next_scrape = Instant::now() + rng.millis(2_000, 6_000);
+            }
+            // --max-disk bounds what df sees of all spill files together:
+            // the tmpfs's use, less the ballast and what was there before.
+            if let Some(disk) = self.disk {
+                let ballast_bytes = ballast
+                    .as_ref()
+                    .and_then(|(f, _)| f.metadata().ok())
+                    .map_or(0, |m| m.blocks() * 512);
+                let spill = disk.used().saturating_sub(ballast_bytes + self.disk_base);
+                self.injected
+                    .spill_disk_peak
+                    .fetch_max(spill, Ordering::Relaxed);
+                if spill > self.max_disk && !disk_over {
+                    disk_over = true;
+                    self.world.books.note(format!(
+                        "spill files hold {spill} bytes of the tmpfs (what df sees, less the ballast), over --max-disk {}",
+                        self.max_disk
+                    ));
+                }
+            }
             if now >= next_sighup {
                 self.rotate();
                 next_sighup = Instant::now() + rng.millis(4_000, 9_000);
@@ -221,13 +256,13 @@ impl Faults<'_> {
                 match ballast.take() {
                     Some((file, until)) if now >= until => {
                         disk.empty(file);
-                        next_fill = now + rng.millis(6_000, 15_000);
+                        next_fill = now + rng.millis(5_000, 12_000);
                     }
                     Some(held) => ballast = Some(held),
                     None if now >= next_fill => match disk.fill(64 * 1024) {
                         Ok(file) => {
                             self.injected.disk_full.fetch_add(1, Ordering::Relaxed);
-                            ballast = Some((file, now + rng.millis(1_500, 4_000)));
+                            ballast = Some((file, now + rng.millis(2_000, 5_000)));
                         }
                         Err(e) => {
                             self.world
@@ -267,6 +302,47 @@ impl Faults<'_> {
             ));
         }
         true
+    }
+
+    /// Scrape /metrics as Prometheus would, under load: it answers, no
+    /// counter goes down, and the gauges keep to the limits.
+    fn scrape(&self, addr: std::net::SocketAddr, last: &mut Option<crate::metrics::Scrape>) {
+        let scrape = match crate::metrics::Scrape::get(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                self.world
+                    .books
+                    .note(format!("a scrape of /metrics under load failed: {e}"));
+                return;
+            }
+        };
+        self.injected.scrapes.fetch_add(1, Ordering::Relaxed);
+        if let Some(before) = last.as_ref() {
+            for what in scrape.decreased_since(before) {
+                self.world
+                    .books
+                    .note(format!("metrics: a counter went down: {what}"));
+            }
+        }
+        let limits = [
+            (
+                "spillway_connections_open",
+                self.max_connections,
+                "--max-connections",
+            ),
+            ("spillway_disk_bytes", self.max_disk, "--max-disk"),
+        ];
+        for (key, limit, flag) in limits {
+            match scrape.value(key) {
+                Ok(v) if v <= limit => {}
+                Ok(v) => self
+                    .world
+                    .books
+                    .note(format!("metrics: {key} is {v}, over {flag} {limit}")),
+                Err(e) => self.world.books.note(format!("metrics: {e}")),
+            }
+        }
+        *last = Some(scrape);
     }
 
     /// logrotate: rename the file, SIGHUP, and wait until the proxy says in

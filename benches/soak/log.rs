@@ -31,6 +31,8 @@ pub struct LogStats {
     pub max_disk: u64,
     pub spilling_again: u64,
     pub refused: u64,
+    /// Refused connects, by backend.
+    pub refused_by: std::collections::HashMap<SocketAddr, u64>,
     pub no_backend: u64,
     pub marked_down: u64,
     pub back_up: u64,
@@ -201,6 +203,13 @@ impl Tailer {
                     }
                 } else if msg.contains(": backend ") && msg.ends_with(": connection refused") {
                     s.refused += 1;
+                    let addr = msg
+                        .rsplit_once(": backend ")
+                        .and_then(|(_, r)| r.strip_suffix(": connection refused"))
+                        .and_then(|a| a.parse().ok());
+                    if let Some(addr) = addr {
+                        *s.refused_by.entry(addr).or_default() += 1;
+                    }
                     true
                 } else if msg.contains(" marked down after ") {
                     s.marked_down += 1;

@@ -35,6 +35,7 @@ mod client;
 mod data;
 mod faults;
 mod log;
+mod metrics;
 mod net;
 mod plan;
 
@@ -73,6 +74,7 @@ const SPAWN_RATE: f64 = 100.0;
 /// The proxy's flags beyond --listen, --log-file, --temp-dir and the
 /// backends. Limits are small so that the load reaches them.
 const MAX_CONNECTIONS: u32 = 64;
+const MAX_DISK: u64 = 8 * MIB;
 fn proxy_flags(workers: u32) -> Vec<String> {
     [
         "--workers",
@@ -82,7 +84,7 @@ fn proxy_flags(workers: u32) -> Vec<String> {
         "--max-spill",
         "4MiB",
         "--max-disk",
-        "8MiB",
+        "8MiB", // MAX_DISK
         "--max-connections",
         &MAX_CONNECTIONS.to_string(),
         "--idle-timeout",
@@ -95,6 +97,8 @@ fn proxy_flags(workers: u32) -> Vec<String> {
         "1s",
         "--shutdown-timeout",
         "10s",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -329,6 +333,15 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
             ..common::Launch::default()
         },
     );
+    let metrics_addr: Option<SocketAddr> = proxy
+        .wait_for_log(" metrics=", Duration::from_secs(10))
+        .rsplit_once(" metrics=")
+        .and_then(|(_, a)| a.trim().parse().ok());
+    if metrics_addr.is_none() {
+        world
+            .books
+            .note("no metrics address in the proxy's start-up line".into());
+    }
     watchdog.pid.store(proxy.pid, Ordering::SeqCst);
     let _ = watchdog.log.set((proxy.log_path.clone(), opts.seed));
     let _ = world.proxy.set(proxy.addr);
@@ -404,6 +417,10 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
             pid: proxy.pid,
             injected: &injected,
             stop: &faults_stop,
+            metrics: metrics_addr,
+            max_disk: MAX_DISK,
+            max_connections: u64::from(MAX_CONNECTIONS),
+            disk_base: used_at_start,
         };
         let seed = opts.seed;
         let faults_thread = scope.spawn(move || f.run(seed));
@@ -470,6 +487,21 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         }
     }
 
+    // The proxy's own counters, idle: compared with the books once the
+    // log is read to its end.
+    let last_scrape = match (end.is_some(), metrics_addr) {
+        (true, Some(addr)) => match metrics::Scrape::get(addr) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                world
+                    .books
+                    .note(format!("the last scrape of /metrics failed: {e}"));
+                None
+            }
+        },
+        _ => None,
+    };
+
     // SIGTERM: a graceful shutdown with nothing left to drain, exit 0.
     let status = proxy.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
     if !status.success() {
@@ -481,11 +513,25 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
     let mut tailer = tailer_thread.join().expect("the books thread");
     tailer.poll(&world.books);
     world.stop_backends.store(true, Ordering::SeqCst);
+    let backends_list = backends.list.clone();
     backends.join();
     world.books.settle(true);
     let stats = tailer.stats.clone();
     let figures = world.books.figures();
     compare_counters(&world.books, &stats, &figures, &injected, clients_started);
+    if let Some(scrape) = &last_scrape {
+        let anonymous = world.books.anonymous();
+        for what in metrics::compare(
+            scrape,
+            &figures,
+            &stats,
+            &backends_list,
+            &anonymous,
+            MAX_DISK,
+        ) {
+            world.books.note(what);
+        }
+    }
 
     let (violations, shown) = world.books.violations();
     let (closes, max_conn_id) = world.books.conn_ids();
@@ -528,8 +574,24 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         None => println!("soak: the proxy had died before the end: {status}"),
     }
     let fault = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    // Times a direction stopped reading for want of disk: the proxy's
+    // counters count every time, its WARNs only each connection's first.
+    let counted = |key: &str, warns: u64| {
+        last_scrape
+            .as_ref()
+            .and_then(|s| s.value(key).ok())
+            .unwrap_or(warns)
+    };
+    let disk_errors = counted(
+        "spillway_backpressure_events_total{cause=\"disk_error\"}",
+        stats.disk_full,
+    );
+    let max_disk_hits = counted(
+        "spillway_backpressure_events_total{cause=\"max_disk\"}",
+        stats.max_disk,
+    );
     println!(
-        "soak: seed={} duration={} connections={} bytes_up={} bytes_down={} spilled={} dropped={} faults{{client_reset={}, vanish={}, backend_reset={}, refused={}, no_backend={}, blackhole={}, flaps={}, outages={}, back_after_outage={}/{}, disk_full={}, max_disk_hits={}, max_conn_hits={}, idle_timeouts={}, kept_sending={}, sighup={}}} losses={} violations={}",
+        "soak: seed={} duration={} connections={} bytes_up={} bytes_down={} spilled={} dropped={} faults{{client_reset={}, vanish={}, backend_reset={}, refused={}, no_backend={}, blackhole={}, flaps={}, outages={}, back_after_outage={}/{}, disk_full={}, spill_disk_peak={}, max_disk_hits={}, max_conn_hits={}, idle_timeouts={}, kept_sending={}, sighup={}, scrapes={}}} losses={} violations={}",
         opts.seed,
         show(opts.duration),
         figures.connections,
@@ -548,15 +610,17 @@ fn run(opts: &Options, watchdog: &Watchdog) -> Result<(), ()> {
         fault(&injected.recovered),
         fault(&injected.recovered) + fault(&injected.not_recovered),
         if disk.is_some() {
-            format!("{}/{}", stats.disk_full, fault(&injected.disk_full))
+            format!("{}/{}", disk_errors, fault(&injected.disk_full))
         } else {
             "skipped".into()
         },
-        stats.max_disk,
+        fault(&injected.spill_disk_peak),
+        max_disk_hits,
         stats.max_conn,
         figures.idle_timeouts,
         figures.kept_sending,
         fault(&injected.sighup),
+        fault(&injected.scrapes),
         figures.losses,
         violations
     );
