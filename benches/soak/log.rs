@@ -157,8 +157,8 @@ impl Tailer {
                     s.spilling_again += 1;
                     true
                 } else if msg.contains(" idle for ") && msg.ends_with(": closing") {
-                    // The proxy says it again on its next sweep if the
-                    // connection is still lingering (see docs/failures.md).
+                    // Once per connection: a repeat means it lingered
+                    // after the idle close (counted, and a violation).
                     match conn_id(msg) {
                         Some(id) if s.idle_conns.insert(id) => s.idle += 1,
                         _ => s.idle_repeats += 1,
