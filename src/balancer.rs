@@ -11,7 +11,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use crate::config::{BackendSpec, Strategy};
 
@@ -85,11 +88,30 @@ impl State {
     }
 }
 
+/// One backend address's place. Places are never reused for another
+/// address, so an index held by a connection stays valid for its life.
 struct Backend {
-    spec: BackendSpec,
+    /// Set once, when the place is taken.
+    addr: OnceLock<SocketAddr>,
+    weight: AtomicU32,
     /// Connections holding this backend now, in every worker.
     active: AtomicU32,
     state: AtomicU64,
+}
+
+/// Which places are in the pool now, and one period of the smooth
+/// round-robin over them. Replaced whole when names resolve anew.
+#[derive(Debug, Default)]
+struct Members {
+    idx: Vec<usize>,
+    order: Vec<usize>,
+}
+
+/// A change `set_members` made: an address that joined or left.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    Joined(SocketAddr),
+    Left(SocketAddr),
 }
 
 /// What `Backends::pick_claiming` chose.
@@ -124,17 +146,19 @@ impl Iterator for Candidates<'_> {
     }
 }
 
-/// The pool is shared by every worker thread; all of its state is atomics.
+/// The pool is shared by every worker thread; all of its state is atomics
+/// (and one snapshot of who is in it, swapped whole, never locked).
 pub struct Backends {
-    backends: Vec<Backend>,
+    /// Places for every address the pool may ever hold: a fixed table, so
+    /// that readers never see it move.
+    backends: Box<[Backend]>,
+    /// Places taken so far (they are taken in order).
+    used: AtomicUsize,
+    members: ArcSwap<Members>,
     strategy: Strategy,
     policy: FailPolicy,
-    /// One period of smooth weighted round-robin over every backend,
-    /// computed once: a shared cursor walks it, so the rotation is exact
-    /// across workers, and a backend that is out is stepped over.
-    order: Vec<usize>,
-    /// Where round-robin is in `order`, and where least-conn starts looking
-    /// (so that ties rotate).
+    /// Where round-robin is in the members' order, and where least-conn
+    /// starts looking (so that ties rotate).
     cursor: AtomicUsize,
     rng: AtomicU64,
     /// Down times are kept as milliseconds since this moment.
@@ -142,41 +166,123 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// A pool of `specs`, with room for `capacity` addresses in all (names
+    /// that resolve anew may bring more).
     pub fn new(
         specs: &[BackendSpec],
         strategy: Strategy,
         policy: FailPolicy,
         seed: u64,
     ) -> Backends {
+        Self::with_capacity(specs, strategy, policy, seed, specs.len())
+    }
+
+    pub fn with_capacity(
+        specs: &[BackendSpec],
+        strategy: Strategy,
+        policy: FailPolicy,
+        seed: u64,
+        capacity: usize,
+    ) -> Backends {
         assert!(!specs.is_empty(), "validated: at least one backend");
-        Backends {
-            backends: specs
-                .iter()
-                .map(|&spec| Backend {
-                    spec,
+        let capacity = capacity.max(specs.len());
+        let pool = Backends {
+            backends: (0..capacity)
+                .map(|_| Backend {
+                    addr: OnceLock::new(),
+                    weight: AtomicU32::new(1),
                     active: AtomicU32::new(0),
                     state: AtomicU64::new(State::UP.pack()),
                 })
                 .collect(),
+            used: AtomicUsize::new(0),
+            members: ArcSwap::default(),
             strategy,
             policy,
-            order: smooth_order(specs),
             cursor: AtomicUsize::new(0),
             rng: AtomicU64::new(seed),
             epoch: Instant::now(),
-        }
+        };
+        let all: Vec<(SocketAddr, u32)> = specs.iter().map(|s| (s.addr, s.weight)).collect();
+        pool.set_members(&all);
+        pool
     }
 
-    pub fn len(&self) -> usize {
+    /// Places there are: every index is below this.
+    pub fn capacity(&self) -> usize {
         self.backends.len()
     }
 
+    /// Places taken: addresses the pool holds or held.
+    pub fn len(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
+        self.len() == 0
     }
 
     pub fn addr(&self, idx: usize) -> SocketAddr {
-        self.backends[idx].spec.addr
+        *self.backends[idx]
+            .addr
+            .get()
+            .expect("a place in use has an address")
+    }
+
+    /// Is `idx` in the pool now (new connections may go to it)?
+    pub fn is_member(&self, idx: usize) -> bool {
+        self.members.load().idx.contains(&idx)
+    }
+
+    /// Make the pool exactly `wanted` (address, weight): addresses new to
+    /// it join (a place of their own, kept for them forever), those not in
+    /// it leave (no new connections; those open finish). Returns what
+    /// changed. One caller at a time (the resolver).
+    pub fn set_members(&self, wanted: &[(SocketAddr, u32)]) -> Vec<Change> {
+        let before = self.members.load_full();
+        let mut idx = Vec::with_capacity(wanted.len());
+        for &(addr, weight) in wanted {
+            let used = self.len();
+            let place = (0..used).find(|&i| self.backends[i].addr.get() == Some(&addr));
+            let place = match place {
+                Some(i) => i,
+                None if used < self.capacity() => {
+                    let _ = self.backends[used].addr.set(addr);
+                    self.used.store(used + 1, Ordering::Release);
+                    used
+                }
+                None => {
+                    log::error!(
+                        "backend {addr}: no room for another backend address (at most {}); not added",
+                        self.capacity()
+                    );
+                    continue;
+                }
+            };
+            self.backends[place].weight.store(weight, Ordering::Relaxed);
+            if !idx.contains(&place) {
+                idx.push(place);
+            }
+        }
+        let weights: Vec<(usize, u32)> = idx
+            .iter()
+            .map(|&i| (i, self.backends[i].weight.load(Ordering::Relaxed)))
+            .collect();
+        let order = smooth_order(&weights);
+        let mut changes: Vec<Change> = idx
+            .iter()
+            .filter(|i| !before.idx.contains(i))
+            .map(|&i| Change::Joined(self.addr(i)))
+            .collect();
+        changes.extend(
+            before
+                .idx
+                .iter()
+                .filter(|i| !idx.contains(i))
+                .map(|&i| Change::Left(self.addr(i))),
+        );
+        self.members.store(Arc::new(Members { idx, order }));
+        changes
     }
 
     pub fn active(&self, idx: usize) -> u32 {
@@ -208,16 +314,21 @@ impl Backends {
     /// (then it, and only it, may call `abandoned`).
     pub fn pick_claiming(&self, now: Instant, tried: &[usize]) -> Option<Picked> {
         let now = self.millis(now);
-        let n = self.backends.len();
+        let members = self.members.load();
+        let n = members.idx.len();
         let untried = |i: usize| !tried.contains(&i);
         let take = |i: usize| self.claim(i, now).map(|trial| Picked { idx: i, trial });
         let chosen = match self.strategy {
-            Strategy::RoundRobin => self.round_robin(now, &untried),
+            Strategy::RoundRobin => self.round_robin(&members.order, now, &untried),
             // Another worker may claim a trial between the look and the
             // claim: then look again (each failed claim means a backend
             // left the eligible set, so n + 1 looks suffice).
-            Strategy::LeastConn => (0..=n).find_map(|_| take(self.least_conn(now, &untried)?)),
-            Strategy::Random2 => (0..=n).find_map(|_| take(self.random2(now, &untried)?)),
+            Strategy::LeastConn => {
+                (0..=n).find_map(|_| take(self.least_conn(&members.idx, now, &untried)?))
+            }
+            Strategy::Random2 => {
+                (0..=n).find_map(|_| take(self.random2(&members.idx, now, &untried)?))
+            }
         };
         let picked = match chosen {
             Some(p) => p,
@@ -225,13 +336,16 @@ impl Backends {
             // race with another worker can get here), then the one down that
             // comes back soonest; one on trial last.
             None => {
-                let idx = (0..n).filter(|&i| untried(i)).min_by_key(|&i| {
-                    match self.state(i).standing {
+                let idx = members
+                    .idx
+                    .iter()
+                    .copied()
+                    .filter(|&i| untried(i))
+                    .min_by_key(|&i| match self.state(i).standing {
                         Standing::Up => 0,
                         Standing::Down { until } => until.saturating_add(1),
                         Standing::Trial => u64::MAX,
-                    }
-                })?;
+                    })?;
                 let trial = self.claim(idx, u64::MAX) == Some(true);
                 Picked { idx, trial }
             }
@@ -390,13 +504,21 @@ impl Backends {
     /// after it). Other workers take steps meanwhile, so one period of
     /// steps may miss every usable backend: then one more period is looked
     /// through without taking steps.
-    fn round_robin(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<Picked> {
-        let len = self.order.len();
+    fn round_robin(
+        &self,
+        order: &[usize],
+        now: u64,
+        untried: &impl Fn(usize) -> bool,
+    ) -> Option<Picked> {
+        let len = order.len();
+        if len == 0 {
+            return None;
+        }
         let usable = |i: usize| untried(i) && self.eligible(i, now);
         let mut at = 0;
         for _ in 0..len {
             at = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-            let i = self.order[at];
+            let i = order[at];
             if usable(i) {
                 if let Some(trial) = self.claim(i, now) {
                     return Some(Picked { idx: i, trial });
@@ -404,7 +526,7 @@ impl Backends {
             }
         }
         (1..=len).find_map(|k| {
-            let i = self.order[(at + k) % len];
+            let i = order[(at + k) % len];
             if !usable(i) {
                 return None;
             }
@@ -414,23 +536,36 @@ impl Backends {
     }
 
     /// Fewest active connections per weight; ties go round the pool.
-    fn least_conn(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<usize> {
-        let n = self.backends.len();
+    fn least_conn(
+        &self,
+        members: &[usize],
+        now: u64,
+        untried: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = members.len();
+        if n == 0 {
+            return None;
+        }
         let start = self.cursor.load(Ordering::Relaxed);
         let best = (0..n)
-            .map(|k| (start + k) % n)
+            .map(|k| members[(start + k) % n])
             .filter(|&i| untried(i) && self.eligible(i, now))
             .reduce(|a, b| if self.lighter(b, a) { b } else { a })?;
-        self.cursor.store(best + 1, Ordering::Relaxed);
+        let at = members.iter().position(|&i| i == best).unwrap_or(0);
+        self.cursor.store(at + 1, Ordering::Relaxed);
         Some(best)
     }
 
     /// Two distinct random candidates; the less loaded wins.
-    fn random2(&self, now: u64, untried: &impl Fn(usize) -> bool) -> Option<usize> {
+    fn random2(
+        &self,
+        members: &[usize],
+        now: u64,
+        untried: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let usable = |i: &usize| untried(*i) && self.eligible(*i, now);
-        let n = self.backends.len();
-        let k = (0..n).filter(usable).count() as u64;
-        let nth = |m: u64| (0..n).filter(usable).nth(m as usize);
+        let k = members.iter().copied().filter(usable).count() as u64;
+        let nth = |m: u64| members.iter().copied().filter(usable).nth(m as usize);
         match k {
             0 => None,
             1 => nth(0),
@@ -445,7 +580,8 @@ impl Backends {
 
     /// Is `a` strictly less loaded than `b`, per unit of weight?
     fn lighter(&self, a: usize, b: usize) -> bool {
-        let (wa, wb) = (self.backends[a].spec.weight, self.backends[b].spec.weight);
+        let weight = |i: usize| self.backends[i].weight.load(Ordering::Relaxed);
+        let (wa, wb) = (weight(a), weight(b));
         u64::from(self.active(a)) * u64::from(wb) < u64::from(self.active(b)) * u64::from(wa)
     }
 
@@ -463,23 +599,23 @@ impl Backends {
 }
 
 /// nginx's smooth weighted round-robin, run for one period (the sum of the
-/// weights): every backend's score grows by its weight, the highest wins
-/// and pays back the total. Weights 5,1,1 give a,a,b,a,c,a,a rather than
-/// a,a,a,a,a,b,c. The sequence then repeats.
-fn smooth_order(specs: &[BackendSpec]) -> Vec<usize> {
-    let total: i64 = specs.iter().map(|s| i64::from(s.weight)).sum();
-    let mut score = vec![0i64; specs.len()];
+/// weights) over `(place, weight)`: every backend's score grows by its
+/// weight, the highest wins and pays back the total. Weights 5,1,1 give
+/// a,a,b,a,c,a,a rather than a,a,a,a,a,b,c. The sequence then repeats.
+fn smooth_order(weights: &[(usize, u32)]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&(_, w)| i64::from(w)).sum();
+    let mut score = vec![0i64; weights.len()];
     (0..total)
         .map(|_| {
             let mut best = 0;
-            for (i, s) in specs.iter().enumerate() {
-                score[i] += i64::from(s.weight);
+            for (i, &(_, w)) in weights.iter().enumerate() {
+                score[i] += i64::from(w);
                 if score[i] > score[best] {
                     best = i;
                 }
             }
             score[best] -= total;
-            best
+            weights[best].0
         })
         .collect()
 }
@@ -492,9 +628,8 @@ mod tests {
         let specs: Vec<BackendSpec> = weights
             .iter()
             .enumerate()
-            .map(|(i, &weight)| BackendSpec {
-                addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
-                weight,
+            .map(|(i, &weight)| {
+                BackendSpec::at(SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)), weight)
             })
             .collect();
         let policy = FailPolicy {
@@ -670,6 +805,33 @@ mod tests {
         assert_eq!(all, [0, 1, 2]);
         (0..3).for_each(|i| p.release(i));
         assert!((0..3).all(|i| p.active(i) == 0));
+    }
+
+    /// Names that resolve anew: an address that appears joins (a place of
+    /// its own, after the others), one that vanishes leaves (never picked
+    /// again, its place and counts kept for the connections it still has),
+    /// and comes back to the same place.
+    #[test]
+    fn members_join_and_leave() {
+        let specs = [BackendSpec::at(SocketAddr::from(([10, 0, 0, 1], 80)), 1)];
+        let policy = FailPolicy {
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+        };
+        let p = Backends::with_capacity(&specs, Strategy::RoundRobin, policy, 1, 4);
+        let a = SocketAddr::from(([10, 0, 0, 1], 80));
+        let b = SocketAddr::from(([10, 0, 0, 2], 80));
+        assert_eq!(p.set_members(&[(a, 1), (b, 1)]), [Change::Joined(b)]);
+        let now = Instant::now();
+        let picks: Vec<usize> = (0..4).map(|_| p.pick(now, &[]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 2, "{picks:?}");
+        assert_eq!(p.set_members(&[(b, 1)]), [Change::Left(a)]);
+        assert!((0..10).all(|_| p.pick(now, &[]) == Some(1)), "a is out");
+        assert!(!p.is_member(0) && p.is_member(1));
+        assert_eq!(p.active(0), 2, "a's open connections are still counted");
+        assert_eq!(p.set_members(&[(a, 1), (b, 1)]), [Change::Joined(a)]);
+        assert_eq!(p.addr(0), a, "the same place again");
+        assert_eq!(p.len(), 2);
     }
 
     /// Exactly one connection owns a returning backend's trial, and knows

@@ -91,6 +91,13 @@ pub struct Config {
     pub upstream_keepalive: usize,
     /// Serve `/metrics` and `/healthz` here, if set.
     pub metrics_listen: Option<SocketAddr>,
+    /// Start every backend connection with a PROXY protocol header.
+    pub send_proxy: Option<crate::proxy_header::Version>,
+    /// Require a PROXY protocol header at the start of every client
+    /// connection, and take the client's address from it.
+    pub accept_proxy: bool,
+    /// Resolve backend names again this often, if set.
+    pub resolve_every: Option<Duration>,
 }
 
 /// What a connection carries.
@@ -168,6 +175,9 @@ impl Default for Config {
             backend_timeout: DEFAULT_BACKEND_TIMEOUT,
             upstream_keepalive: DEFAULT_UPSTREAM_KEEPALIVE,
             metrics_listen: None,
+            send_proxy: None,
+            accept_proxy: false,
+            resolve_every: None,
         }
     }
 }
@@ -206,6 +216,10 @@ impl Config {
             ("--client-body-timeout", self.client_body_timeout),
             ("--keepalive-timeout", self.keepalive_timeout),
             ("--backend-timeout", self.backend_timeout),
+            (
+                "--resolve-every",
+                self.resolve_every.unwrap_or(Duration::MAX),
+            ),
         ];
         for (flag, d) in positive {
             if d.is_zero() {
@@ -316,19 +330,37 @@ impl fmt::Display for Strategy {
 }
 
 /// A backend as configured: `ADDR[,weight=N]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
+    /// The address it resolved to at start (the first, for a name).
     pub addr: SocketAddr,
     pub weight: u32,
+    /// `host:port` as given, when `host` is a name rather than an address:
+    /// `--resolve-every` looks it up again.
+    pub name: Option<String>,
+}
+
+impl BackendSpec {
+    /// A backend at a fixed address.
+    pub fn at(addr: SocketAddr, weight: u32) -> BackendSpec {
+        BackendSpec {
+            addr,
+            weight,
+            name: None,
+        }
+    }
 }
 
 impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.weight == 1 {
-            write!(f, "{}", self.addr)
-        } else {
-            write!(f, "{},weight={}", self.addr, self.weight)
+        match &self.name {
+            Some(name) => write!(f, "{name}")?,
+            None => write!(f, "{}", self.addr)?,
         }
+        if self.weight != 1 {
+            write!(f, ",weight={}", self.weight)?;
+        }
+        Ok(())
     }
 }
 
@@ -347,10 +379,43 @@ pub fn parse_backend(s: &str) -> Result<BackendSpec, String> {
             (addr, w)
         }
     };
+    let name = addr
+        .parse::<SocketAddr>()
+        .is_err()
+        .then(|| addr.to_string());
     Ok(BackendSpec {
         addr: parse_addr(addr)?,
         weight,
+        name,
     })
+}
+
+/// Every address `name` (`host:port`) resolves to now.
+///
+/// Tests can make names resolve as they please, without a lookup ever
+/// leaving the machine: with `SPILLWAY_RESOLVE_FILE` set, names are read
+/// from that file (lines of `name:port address...`), and a name it does
+/// not have fails to resolve.
+pub fn resolve_all(name: &str) -> std::io::Result<Vec<SocketAddr>> {
+    if let Some(file) = std::env::var_os("SPILLWAY_RESOLVE_FILE") {
+        let text = std::fs::read_to_string(file)?;
+        let line = text
+            .lines()
+            .map(str::split_whitespace)
+            .find_map(|mut words| (words.next() == Some(name)).then_some(words))
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not in SPILLWAY_RESOLVE_FILE")
+            })?;
+        return line
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .collect();
+    }
+    let mut all: Vec<SocketAddr> = name.to_socket_addrs()?.collect();
+    all.dedup();
+    Ok(all)
 }
 
 /// Parse `host:port`, `[v6]:port` or `name:port` (resolved now, first
@@ -363,9 +428,10 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if !s.contains(':') {
         return Err(format!("'{s}' has no port: {expected}"));
     }
-    match s.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
+    match resolve_all(s) {
+        Ok(addrs) => addrs
+            .first()
+            .copied()
             .ok_or_else(|| format!("'{s}' resolves to no address: {expected}")),
         Err(e) => Err(format!("'{s}' cannot be resolved ({e}): {expected}")),
     }
@@ -510,10 +576,8 @@ mod tests {
     fn validate_names_the_flag() {
         let mut c = Config::default();
         assert_eq!(c.validate().unwrap_err().flag, "--backend");
-        c.backends.push(BackendSpec {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            weight: 1,
-        });
+        c.backends
+            .push(BackendSpec::at("127.0.0.1:1".parse().unwrap(), 1));
         c.validate().unwrap();
         c.max_fails = 0;
         assert_eq!(c.validate().unwrap_err().flag, "--max-fails");

@@ -5,6 +5,7 @@
 //! machine (`tcp` today).
 
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use crate::balancer::Backends;
 use crate::config::Config;
 use crate::http::HttpConnection;
 use crate::metrics::WorkerMetrics;
-use crate::relay::BufferPlan;
+use crate::relay::{BufferPlan, Peer};
 use crate::stats::Stats;
 use crate::tcp::TcpConnection;
 use crate::timers::Timers;
@@ -242,6 +243,63 @@ impl Session {
         match self {
             Session::Tcp(c) => c.waiting_for_disk(),
             Session::Http(c) => c.waiting_for_disk(),
+        }
+    }
+}
+
+/// What reading a client's PROXY protocol header came to.
+pub enum HeaderRead {
+    /// Not all there yet: wait for more.
+    Waiting,
+    /// Read and taken off the socket: who the client is, and where it
+    /// connected to (each `None` if the header did not say).
+    Done {
+        client: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+    },
+    /// Not a valid header (or the client closed first): close.
+    Refused(&'static str),
+    Failed(io::Error),
+}
+
+/// Read a PROXY protocol header from the start of `peer`: look at what has
+/// come without taking it (`MSG_PEEK`), and take exactly the header once it
+/// is whole, so that nothing after it is touched.
+pub fn read_proxy_header(peer: &mut Peer<TcpStream>, scratch: &mut [u8]) -> HeaderRead {
+    use crate::proxy_header::{Parsed, V2_MAX, parse};
+    if !peer.is_readable() {
+        return HeaderRead::Waiting;
+    }
+    let Some(stream) = peer.io.as_mut() else {
+        return HeaderRead::Refused("no socket");
+    };
+    let room = V2_MAX.min(scratch.len());
+    let window = &mut scratch[..room];
+    let peeked = match stream.peek(window) {
+        Ok(0) => return HeaderRead::Refused("closed before its header was whole"),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            peer.read_dry();
+            return HeaderRead::Waiting;
+        }
+        Err(e) => return HeaderRead::Failed(e),
+    };
+    match parse(&window[..peeked]) {
+        Err(why) => HeaderRead::Refused(why),
+        Ok(Parsed::Partial) => {
+            // What is there was seen; the next bytes bring a new event.
+            peer.read_dry();
+            HeaderRead::Waiting
+        }
+        Ok(Parsed::Complete { len, client, local }) => {
+            // Exactly the header: it is all in the queue already.
+            match io::Read::read(stream, &mut window[..len]) {
+                Ok(n) if n == len => HeaderRead::Done { client, local },
+                Ok(_) => {
+                    HeaderRead::Failed(io::Error::other("the header shrank between peek and read"))
+                }
+                Err(e) => HeaderRead::Failed(e),
+            }
         }
     }
 }

@@ -71,10 +71,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, Box<dyn std::error::Error>>
     thread::spawn(move || serve_backend(backend, size, held_tx));
 
     let proxy = Proxy::bind(Config {
-        backends: vec![BackendSpec {
-            addr: backend_addr,
-            weight: 1,
-        }],
+        backends: vec![BackendSpec::at(backend_addr, 1)],
         memory_buffer: opts.memory_buffer,
         ..Config::default()
     })?;

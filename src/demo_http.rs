@@ -61,10 +61,7 @@ pub fn run(
     let (busy_tx, busy_rx) = mpsc::channel();
     thread::spawn(move || serve(backend, size, busy_tx));
     let proxy = Proxy::bind(Config {
-        backends: vec![BackendSpec {
-            addr: backend_addr,
-            weight: 1,
-        }],
+        backends: vec![BackendSpec::at(backend_addr, 1)],
         memory_buffer,
         mode: Mode::Http,
         ..Config::default()

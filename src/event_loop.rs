@@ -193,15 +193,22 @@ impl Worker {
     ) -> Worker {
         let config = &shared.config;
         // Health checks need doing once, not once per worker.
-        let health = config
-            .health_check
-            .filter(|_| index == 0)
-            .map(|every| HealthChecks::new(every, config.backends.len(), FIRST_PROBE));
-        let others = config.backends.len() - 1;
-        let max_attempts = 1 + config.connect_retries.map_or(others, |n| n.min(others));
+        let health = config.health_check.filter(|_| index == 0).map(|every| {
+            HealthChecks::new(
+                every,
+                shared.backends.capacity(),
+                FIRST_PROBE,
+                config.send_proxy,
+            )
+        });
+        // Every backend once, as many as there are (names may bring more):
+        // the candidates end when none is left untried.
+        let max_attempts = config
+            .connect_retries
+            .map_or(usize::MAX, |n| n.saturating_add(1));
         let scratch = vec![0; (config.memory_buffer as usize).clamp(MIN_SCRATCH, MAX_SCRATCH)];
         let tokens = Tokens {
-            conn_base: FIRST_PROBE + config.backends.len(),
+            conn_base: FIRST_PROBE + shared.backends.capacity(),
         };
         Worker {
             index,
@@ -209,7 +216,7 @@ impl Worker {
                 poll,
                 tokens,
                 legs: LegTable::default(),
-                idle: IdlePool::new(config.backends.len(), config.upstream_keepalive),
+                idle: IdlePool::new(shared.backends.capacity(), config.upstream_keepalive),
                 timers: Timers::default(),
                 scratch,
                 max_attempts,

@@ -11,6 +11,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::balancer::Backends;
 use crate::io_error::is_out_of_resources;
+use crate::proxy_header::{self, Version};
 use crate::timers::{Timer, Timers};
 
 struct Probe {
@@ -20,6 +21,10 @@ struct Probe {
 
 pub struct HealthChecks {
     interval: Duration,
+    /// `--send-proxy`: a probe says it carries no client (UNKNOWN / LOCAL)
+    /// before it closes, so a backend that requires the header does not
+    /// count it as a protocol error.
+    send_proxy: Option<Version>,
     /// Token of backend 0's probe; backend i uses `first_token + i`.
     first_token: usize,
     probes: Vec<Option<Probe>>,
@@ -27,9 +32,15 @@ pub struct HealthChecks {
 }
 
 impl HealthChecks {
-    pub fn new(interval: Duration, backends: usize, first_token: usize) -> Self {
+    pub fn new(
+        interval: Duration,
+        backends: usize,
+        first_token: usize,
+        send_proxy: Option<Version>,
+    ) -> Self {
         HealthChecks {
             interval,
+            send_proxy,
             first_token,
             probes: (0..backends).map(|_| None).collect(),
             next_id: 0,
@@ -53,9 +64,9 @@ impl HealthChecks {
         timeout: Duration,
     ) {
         let now = Instant::now();
-        for idx in 0..self.probes.len() {
-            if self.probes[idx].is_some() {
-                continue; // the last one has not answered yet
+        for idx in 0..pool.len() {
+            if self.probes[idx].is_some() || !pool.is_member(idx) {
+                continue; // the last one has not answered yet, or it left
             }
             // A down backend is probed only as its one trial (a client's
             // connection in another worker may have claimed it).
@@ -115,6 +126,11 @@ impl HealthChecks {
                 Err(e) => Err(e),
             },
         };
+        if let (Ok(()), Some(version), Some(probe)) = (&verdict, self.send_proxy, &self.probes[idx])
+        {
+            // Best effort: a fresh socket's buffer takes these few bytes.
+            let _ = io::Write::write(&mut &probe.stream, &proxy_header::encode_local(version));
+        }
         self.finish(idx, registry);
         match verdict {
             Ok(()) => pool.succeeded(idx),

@@ -15,6 +15,7 @@ use spillway::config::{
 };
 use spillway::demo::{self, DemoOptions};
 use spillway::logging::{self, LevelFilter, parse_level};
+use spillway::proxy_header::Version;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -166,6 +167,24 @@ struct Cli {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     metrics_listen: Option<SocketAddr>,
 
+    /// Start every backend connection with a PROXY protocol header carrying
+    /// the client's address (HAProxy's send-proxy; health checks send
+    /// UNKNOWN / LOCAL): v1 (text) or v2 (binary) [default: off]
+    #[arg(long, value_name = "VERSION", value_parser = Version::parse)]
+    send_proxy: Option<Version>,
+
+    /// Every client connection must start with a PROXY protocol header (v1
+    /// or v2), whose address is the client's from then on; one without is
+    /// closed and reaches no backend. For spillway behind an L4 balancer
+    #[arg(long)]
+    accept_proxy: bool,
+
+    /// Resolve backend names again this often, e.g. 30s: new addresses join
+    /// the pool with the name's weight, vanished ones take no new
+    /// connections [default: off: names are resolved once, at start]
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    resolve_every: Option<Duration>,
+
     /// Where spill files are created (unnamed: never visible there)
     /// [default: the system temp dir, $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
@@ -271,6 +290,9 @@ fn serve(cli: Cli) -> ExitCode {
         backend_timeout: cli.backend_timeout,
         upstream_keepalive: cli.upstream_keepalive,
         metrics_listen: cli.metrics_listen,
+        send_proxy: cli.send_proxy,
+        accept_proxy: cli.accept_proxy,
+        resolve_every: cli.resolve_every,
     };
     let logs_elsewhere = cli.log_file.is_some();
     match spillway::run(config) {

@@ -398,8 +398,13 @@ impl Scrape {
     fn encode_backends(&self, enc: &mut Enc) -> Result<(), std::fmt::Error> {
         let shared = &self.0;
         let backends = &shared.backends;
-        let names: Vec<String> = (0..backends.len())
-            .map(|i| backends.addr(i).to_string())
+        // In the pool, or still holding connections.
+        let shown: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends.is_member(i) || backends.active(i) > 0)
+            .collect();
+        let names: Vec<(usize, String)> = shown
+            .iter()
+            .map(|&i| (i, backends.addr(i).to_string()))
             .collect();
         let mut up = enc.encode_descriptor(
             "spillway_backend_up",
@@ -407,7 +412,7 @@ impl Scrape {
             None,
             MetricType::Gauge,
         )?;
-        for (i, name) in names.iter().enumerate() {
+        for (i, name) in names.iter().map(|(i, n)| (*i, n)) {
             up.encode_family(&[("backend", name.as_str())])?
                 .encode_gauge(&i64::from(backends.is_up(i)))?;
         }
@@ -417,7 +422,7 @@ impl Scrape {
             None,
             MetricType::Gauge,
         )?;
-        for (i, name) in names.iter().enumerate() {
+        for (i, name) in names.iter().map(|(i, n)| (*i, n)) {
             active
                 .encode_family(&[("backend", name.as_str())])?
                 .encode_gauge(&i64::from(backends.active(i)))?;
@@ -428,7 +433,7 @@ impl Scrape {
             None,
             MetricType::Counter,
         )?;
-        for (i, name) in names.iter().enumerate() {
+        for (i, name) in names.iter().map(|(i, n)| (*i, n)) {
             let v: u64 = shared
                 .metrics
                 .iter()
@@ -444,7 +449,7 @@ impl Scrape {
             None,
             MetricType::Counter,
         )?;
-        for (i, name) in names.iter().enumerate() {
+        for (i, name) in names.iter().map(|(i, n)| (*i, n)) {
             for (c, cause) in ["refused", "timeout", "error"].iter().enumerate() {
                 let v: u64 = shared
                     .metrics

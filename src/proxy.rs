@@ -27,6 +27,7 @@ use crate::io_error::is_out_of_resources;
 use crate::logging;
 use crate::metrics::MetricsServer;
 use crate::relay::BufferPlan;
+use crate::resolver::{self, Resolver};
 use crate::shared::{Lifecycle, Shared};
 use crate::stats::Stats;
 
@@ -131,15 +132,20 @@ impl Proxy {
             polls.push((worker_poll, listener));
             wakers.push(waker);
         }
-        let backends = Backends::new(
-            &config.backends,
-            config.balance,
-            FailPolicy {
-                max_fails: config.max_fails,
-                fail_timeout: config.fail_timeout,
-            },
-            seed(),
-        );
+        let policy = FailPolicy {
+            max_fails: config.max_fails,
+            fail_timeout: config.fail_timeout,
+        };
+        let (initial, capacity) = match config.resolve_every {
+            // Every address a name resolves to, and room for more.
+            Some(_) => {
+                let all = resolver::initial(&config.backends);
+                let room = (4 * all.len()).max(resolver::MIN_CAPACITY);
+                (all, room)
+            }
+            None => (config.backends.clone(), config.backends.len()),
+        };
+        let backends = Backends::with_capacity(&initial, config.balance, policy, seed(), capacity);
         let plan = BufferPlan {
             memory: config.memory_buffer as usize,
             max_spill: config.max_spill,
@@ -196,6 +202,7 @@ impl Proxy {
     pub fn run(mut self) -> io::Result<()> {
         self.log_start();
         let threads = self.spawn_workers()?;
+        let resolver = Resolver::start(self.shared.clone());
         let metrics = match self.metrics_listener.take() {
             Some(listener) => match MetricsServer::start(listener, self.shared.clone()) {
                 Ok(server) => Some(server),
@@ -209,6 +216,9 @@ impl Proxy {
         };
         let supervised = self.supervise(threads.len());
         let joined = join_workers(threads);
+        if let Some(resolver) = resolver {
+            resolver.stop();
+        }
         if let Some(server) = metrics {
             server.stop();
         }

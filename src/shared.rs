@@ -37,7 +37,7 @@ impl Shared {
         lifecycle: Lifecycle,
     ) -> Shared {
         let metrics = (0..config.workers)
-            .map(|_| WorkerMetrics::new(config.backends.len()))
+            .map(|_| WorkerMetrics::new(backends.capacity()))
             .collect();
         Shared {
             metrics,

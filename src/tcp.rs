@@ -28,12 +28,19 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 
 use crate::config::show_size;
-use crate::connection::{Ctx, Id, Label, Side, Status, close_stream};
+use crate::connection::{
+    Ctx, HeaderRead, Id, Label, Side, Status, close_stream, read_proxy_header,
+};
 use crate::io_error::{describe, is_normal_close};
 use crate::metrics::{Backpressure, Outcome, WorkerMetrics};
+use crate::proxy_header;
 use crate::relay::{Culprit, Direction, Flow, News, Peer, Pumped, pump};
 use crate::timers::Timer;
 use crate::upstream::{BackendLeg, Dial, Dialled, Owner};
+
+/// How long a client has to send its PROXY protocol header in tcp mode
+/// (at most `--client-header-timeout`).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a socket that is done may stay open to drain a sender we no
 /// longer listen to (see `TcpConnection::lingering`).
@@ -66,6 +73,9 @@ pub struct Tunnel {
 
 /// Where the connection is with its backend.
 enum Phase {
+    /// `--accept-proxy`: waiting for the client's PROXY protocol header,
+    /// until `until`; nothing is read from the client nor dialled before.
+    AwaitingHeader { until: Instant },
     /// Dialling backends in turn; the client's bytes are buffered meanwhile.
     Connecting(Dial),
     /// Connected: bytes flow both ways.
@@ -109,6 +119,9 @@ pub struct TcpConnection {
     gentle: bool,
     /// What the counters were told so far: bytes out and spilled, [up, down].
     reported: [u64; 4],
+    /// A connection refused before it was anything (no valid PROXY header):
+    /// its close line is DEBUG, so a flood of them does not flood the log.
+    quiet_close: bool,
 }
 
 impl TcpConnection {
@@ -146,9 +159,62 @@ impl TcpConnection {
             last_active: Instant::now(),
             gentle: false,
             reported: [0; 4],
+            quiet_close: false,
         };
-        conn.dial(|dial, owner, ctx| dial.next(owner, ctx), ctx);
+        if ctx.config.accept_proxy {
+            let wait = HEADER_TIMEOUT.min(ctx.config.client_header_timeout);
+            let until = Instant::now() + wait;
+            conn.phase = Phase::AwaitingHeader { until };
+            let timer = Timer::Deadline { slot, conn: id };
+            ctx.timers.arm(until, timer);
+            return Ok(conn);
+        }
+        conn.begin_dialling(None, ctx);
         Ok(conn)
+    }
+
+    /// The client is known: say who it is to the backend if asked to
+    /// (`--send-proxy`: the header goes first into the buffer bound for
+    /// it, before any of the client's bytes), and dial.
+    fn begin_dialling(&mut self, local: Option<SocketAddr>, ctx: &mut Ctx) {
+        if let Some(version) = ctx.config.send_proxy {
+            let local = local
+                .or_else(|| self.client.io.as_ref().and_then(|c| c.local_addr().ok()))
+                .unwrap_or(self.client_addr);
+            let header = proxy_header::encode(version, self.client_addr, local);
+            self.up.push(&header);
+        }
+        self.phase = Phase::Connecting(Dial::default());
+        self.dial(|dial, owner, ctx| dial.next(owner, ctx), ctx);
+    }
+
+    /// `--accept-proxy`: read the client's header; a valid one names the
+    /// client from now on, anything else closes the connection before a
+    /// byte reaches any backend.
+    fn read_header(&mut self, ctx: &mut Ctx) {
+        let Phase::AwaitingHeader { until } = self.phase else {
+            return;
+        };
+        let refused = match read_proxy_header(&mut self.client, ctx.scratch) {
+            HeaderRead::Done { client, local } => {
+                if let Some(client) = client {
+                    log::debug!("{} client {} is {client}", self.id, self.client_addr);
+                    self.client_addr = client;
+                }
+                self.last_active = Instant::now();
+                return self.begin_dialling(local, ctx);
+            }
+            HeaderRead::Waiting if Instant::now() < until => return,
+            HeaderRead::Waiting => "no whole header in time",
+            HeaderRead::Refused(why) => why,
+            HeaderRead::Failed(_) => "the socket failed",
+        };
+        proxy_header::log_refusal(&self.id, self.client_addr, refused);
+        self.trouble = Some(format!("bad PROXY header: {refused}"));
+        self.quiet_close = true;
+        self.phase = Phase::Finishing;
+        self.up.abort();
+        self.down.abort();
     }
 
     /// An HTTP connection whose backend answered `101 Switching
@@ -176,6 +242,7 @@ impl TcpConnection {
             last_active: now,
             gentle: false,
             reported: [0; 4],
+            quiet_close: false,
         }
     }
 
@@ -239,6 +306,12 @@ impl TcpConnection {
     /// Run both directions as far as readiness allows, then close what is
     /// finished.
     pub fn drive(&mut self, ctx: &mut Ctx) -> Status {
+        if matches!(self.phase, Phase::AwaitingHeader { .. }) {
+            self.read_header(ctx);
+            if matches!(self.phase, Phase::AwaitingHeader { .. }) {
+                return Status::Waiting;
+            }
+        }
         self.dial(|dial, owner, ctx| dial.check(owner, ctx), ctx);
         self.check_socket_errors();
         let moved_before = self.bytes_moved();
@@ -526,7 +599,7 @@ impl TcpConnection {
             match std::mem::replace(&mut self.phase, Phase::Finishing) {
                 Phase::Connecting(dial) => dial.abandon(reset, ctx),
                 Phase::Relaying(leg) => self.backend_held = leg.close(reset, ctx),
-                Phase::Finishing => {}
+                Phase::AwaitingHeader { .. } | Phase::Finishing => {}
             }
         }
     }
@@ -618,7 +691,13 @@ impl TcpConnection {
 
     fn log_summary(&self) {
         let reason = self.trouble.as_deref().unwrap_or("done");
-        log::info!(
+        let level = if self.quiet_close {
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
+        log::log!(
+            level,
             "{} closed client={} backend={} up_bytes={} down_bytes={} up_spilled={} down_spilled={} dropped={} backend_held={:.3}s duration={:.3}s reason={}",
             self.id,
             self.client_addr,

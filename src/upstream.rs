@@ -61,6 +61,9 @@ pub struct BackendLeg {
     connected_at: Option<Instant>,
     /// Taken from the idle pool rather than connected for this request.
     reused: bool,
+    /// A PROXY header named this client on it: it may only serve this
+    /// client again.
+    private_to: Option<SocketAddr>,
 }
 
 impl BackendLeg {
@@ -89,7 +92,14 @@ impl BackendLeg {
             trial: picked.trial,
             connected_at: None,
             reused: false,
+            private_to: None,
         })
+    }
+
+    /// A PROXY header naming `client` was sent on it: from now on it may
+    /// only carry that client's requests.
+    pub fn make_private(&mut self, client: SocketAddr) {
+        self.private_to = Some(client);
     }
 
     /// Was this connection taken from the idle pool (it may have been
@@ -135,6 +145,7 @@ impl BackendLeg {
             key: self.key,
             addr: self.addr,
             since: Instant::now(),
+            private_to: self.private_to,
         };
         if let Some(oldest) = ctx.idle.put(self.backend, idle) {
             oldest.close(ctx.legs);
@@ -206,6 +217,7 @@ pub struct IdleLeg {
     key: usize,
     addr: SocketAddr,
     since: Instant,
+    private_to: Option<SocketAddr>,
 }
 
 impl IdleLeg {
@@ -245,9 +257,12 @@ impl IdlePool {
             .flatten()
     }
 
-    /// The most recently used idle connection to `backend`, if any.
-    fn take(&mut self, backend: usize) -> Option<IdleLeg> {
-        self.per_backend[backend].pop_back()
+    /// The most recently used idle connection to `backend` that may serve
+    /// `client` (any, or only one private to it), if any.
+    fn take(&mut self, backend: usize, client: Option<SocketAddr>) -> Option<IdleLeg> {
+        let list = &mut self.per_backend[backend];
+        let at = list.iter().rposition(|l| l.private_to == client)?;
+        list.remove(at)
     }
 
     /// An event for idle connection `key` of `backend`: readable or in
@@ -334,6 +349,7 @@ fn reuse(idle: IdleLeg, picked: Picked, owner: Owner, ctx: &mut Ctx) -> BackendL
         trial: false,
         connected_at: Some(Instant::now()),
         reused: true,
+        private_to: idle.private_to,
     }
 }
 
@@ -352,6 +368,8 @@ pub enum Dialled {
 pub struct Dial {
     /// Take an idle connection to the chosen backend when there is one.
     reuse: bool,
+    /// Only one private to this client (`--send-proxy`).
+    private_to: Option<SocketAddr>,
     tried: Vec<usize>,
     /// The connect in flight; none while waiting to retry for fds.
     attempt: Option<BackendLeg>,
@@ -365,9 +383,12 @@ pub struct Dial {
 impl Dial {
     /// A dial that takes an idle connection to the backend the strategy
     /// chooses, if the pool has one, before connecting anew.
-    pub fn reusing() -> Dial {
+    /// With `private_to`, only a connection that was opened for that
+    /// client (its PROXY header named it) is taken.
+    pub fn reusing(private_to: Option<SocketAddr>) -> Dial {
         Dial {
             reuse: true,
+            private_to,
             ..Dial::default()
         }
     }
@@ -393,7 +414,7 @@ impl Dial {
             self.number += 1;
             self.last_addr = Some(addr);
             if self.reuse && !picked.trial {
-                while let Some(idle) = ctx.idle.take(picked.idx) {
+                while let Some(idle) = ctx.idle.take(picked.idx, self.private_to) {
                     if is_clean(&idle.stream) {
                         return Dialled::Connected(reuse(idle, picked, owner, ctx));
                     }

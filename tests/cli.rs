@@ -248,6 +248,14 @@ fn bad_metrics_listen_is_refused() {
             &["--metrics-listen", &in_use],
         ],
     );
+    assert_each_refused(
+        "--send-proxy",
+        &[&["--send-proxy", "v3"], &["--send-proxy", "yes"]],
+    );
+    assert_each_refused(
+        "--resolve-every",
+        &[&["--resolve-every", "0s"], &["--resolve-every", "often"]],
+    );
 }
 
 #[test]
@@ -425,6 +433,9 @@ fn help_lists_every_flag() {
         "--backend-timeout",
         "--upstream-keepalive",
         "--metrics-listen",
+        "--send-proxy",
+        "--accept-proxy",
+        "--resolve-every",
         "--help",
     ] {
         assert!(

@@ -32,9 +32,10 @@ use super::head::{
     parse_request, parse_response,
 };
 use crate::config::show_size;
-use crate::connection::{Ctx, Id, Label, Status, close_stream};
+use crate::connection::{Ctx, HeaderRead, Id, Label, Status, close_stream, read_proxy_header};
 use crate::io_error::{describe, is_normal_close};
 use crate::metrics::{Outcome, WorkerMetrics};
+use crate::proxy_header;
 use crate::relay::{Culprit, Direction, Flow, News, Peer, Pumped, pump};
 use crate::spill::{Drain, Fill, SpillBuffer};
 use crate::tcp::{Tunnel, count_news};
@@ -182,6 +183,13 @@ pub struct HttpConnection {
     reported: [u64; 4],
     /// Bytes sent to backends, all requests together.
     sent_total: u64,
+    /// `--accept-proxy`: the client's PROXY header is still to come.
+    awaiting_header: bool,
+    /// Where the client connected to (for `--send-proxy`): the PROXY
+    /// header's destination, or our own address.
+    local: Option<SocketAddr>,
+    /// A connection refused before it was anything: DEBUG close line.
+    quiet_close: bool,
     trouble: Option<String>,
 }
 
@@ -211,6 +219,7 @@ impl HttpConnection {
             buf
         };
         let now = Instant::now();
+        let local = ctx.config.send_proxy.and_then(|_| client.local_addr().ok());
         Ok(HttpConnection {
             id: Id(id),
             slot,
@@ -243,6 +252,9 @@ impl HttpConnection {
             taken: 0,
             reported: [0; 4],
             sent_total: 0,
+            awaiting_header: ctx.config.accept_proxy,
+            local,
+            quiet_close: false,
             trouble: None,
         })
     }
@@ -312,6 +324,7 @@ impl HttpConnection {
         let before = self.moved();
         let phase_before = std::mem::discriminant(&self.phase);
         let acted = match self.phase {
+            Phase::Head if self.awaiting_header => self.read_header(ctx),
             Phase::Head => self.read_head(ctx),
             Phase::Body(_) => self.read_body(ctx),
             Phase::Connecting(_) => false,
@@ -338,6 +351,31 @@ impl HttpConnection {
 
     // ---------------------------------------------------------------
     // The request
+
+    /// `--accept-proxy`: read the client's PROXY header first; a valid one
+    /// names the client from now on (logs, X-Forwarded-For, --send-proxy),
+    /// anything else closes the connection, unanswered (it is not HTTP).
+    fn read_header(&mut self, ctx: &mut Ctx) -> bool {
+        let refused = match read_proxy_header(&mut self.client, ctx.scratch) {
+            HeaderRead::Done { client, local } => {
+                if let Some(client) = client {
+                    log::debug!("{} client {} is {client}", self.id, self.client_addr);
+                    self.client_addr = client;
+                }
+                self.local = local.or(self.local);
+                self.awaiting_header = false;
+                return true;
+            }
+            HeaderRead::Waiting => return false,
+            HeaderRead::Refused(why) => why,
+            HeaderRead::Failed(_) => "the socket failed",
+        };
+        proxy_header::log_refusal(&self.id, self.client_addr, refused);
+        self.trouble = Some(format!("bad PROXY header: {refused}"));
+        self.quiet_close = true;
+        self.close_client(true);
+        true
+    }
 
     /// Read until a whole request head is in, then judge it.
     fn read_head(&mut self, ctx: &mut Ctx) -> bool {
@@ -614,7 +652,8 @@ impl HttpConnection {
             ex.sent = 0;
         }
         self.deadline = None;
-        self.phase = Phase::Connecting(Dial::reusing());
+        let private_to = ctx.config.send_proxy.map(|_| self.client_addr);
+        self.phase = Phase::Connecting(Dial::reusing(private_to));
         self.dial(|dial, owner, ctx| dial.next(owner, ctx), ctx);
     }
 
@@ -634,11 +673,21 @@ impl HttpConnection {
         }
         match dialled {
             Dialled::Pending => {}
-            Dialled::Connected(leg) => {
+            Dialled::Connected(mut leg) => {
                 let close_upstream = ctx.config.upstream_keepalive == 0;
                 if let Some(ex) = &mut self.exchange {
                     let request = ex.request.as_ref().expect("a request is in flight");
                     ex.head = request.upstream_head(ex.body_len, close_upstream, leg.addr());
+                    if let Some(version) = ctx.config.send_proxy.filter(|_| !leg.reused()) {
+                        // A new backend connection starts with who the
+                        // client is; a reused one was opened for this
+                        // same client (see `Dial::reusing`).
+                        let local = self.local.unwrap_or(self.client_addr);
+                        let mut head = proxy_header::encode(version, self.client_addr, local);
+                        head.extend_from_slice(&ex.head);
+                        ex.head = head;
+                        leg.make_private(self.client_addr);
+                    }
                     ex.backend = Some(leg.addr());
                     ex.sent = 0;
                 }
@@ -1276,6 +1325,12 @@ impl HttpConnection {
                 log::debug!("{} idle between requests: closing", self.id);
                 self.close_client(false);
             }
+            Expiry::Header if self.awaiting_header => {
+                proxy_header::log_refusal(&self.id, self.client_addr, "no whole header in time");
+                self.trouble = Some("bad PROXY header: no whole header in time".into());
+                self.quiet_close = true;
+                self.close_client(true);
+            }
             Expiry::Header => {
                 if self.inbox.is_empty() && self.requests == 0 {
                     // Nothing ever came: a probe or a stray connect.
@@ -1473,7 +1528,13 @@ impl HttpConnection {
     }
 
     fn log_close(&self) {
-        log::info!(
+        let level = if self.quiet_close {
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
+        log::log!(
+            level,
             "{} closed client={} requests={} up_bytes={} down_bytes={} dropped={} duration={:.3}s reason={}",
             self.id,
             self.client_addr,

@@ -198,6 +198,7 @@ impl Proxy {
         if let Some(limit) = launch.max_open_files {
             limit_open_files(&mut command, limit);
         }
+        command.envs(launch.env.iter().map(|(k, v)| (k, v)));
         let child = command.spawn().expect("spawn spillway");
         let pid = child.id();
         let mut proxy = Proxy {
@@ -414,6 +415,8 @@ pub struct Launch {
     pub temp_dir: Option<PathBuf>,
     /// `RLIMIT_NOFILE` for the proxy process.
     pub max_open_files: Option<u64>,
+    /// Environment variables for the proxy process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Proxy {
