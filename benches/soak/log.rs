@@ -8,8 +8,8 @@
 //! written to the fresh file, the proxy may still be writing to the old
 //! one; once it has, it never will again (both go through one mutex in the
 //! proxy). So the old file is read to its end, then the new one from its
-//! start. A line whose pieces straddle the swap (the logger writes a line
-//! in more than one write) is joined again from its two halves.
+//! start. A line whose pieces straddled the swap would be joined again from
+//! its two halves, and counted: the proxy promises whole lines.
 
 use std::fs::{self, File};
 use std::io::Read;

@@ -871,6 +871,8 @@ fn compare_counters(
         stats.idle_repeats,
         0,
     );
+    // Rotation keeps every line whole in one file or the other.
+    differ("log lines split over a rotation", stats.split_lines, 0);
     differ(
         "\"log file reopened\" lines",
         stats.sighup,
