@@ -14,6 +14,9 @@ pub const MIN_MEMORY_BUFFER: u64 = 1024;
 
 /// Above this one connection could pin gigabytes of RAM per direction.
 pub const MAX_MEMORY_BUFFER: u64 = 1 << 30;
+/// `--memory-buffer-max` unless `--memory-buffer` is larger: the size at
+/// which bulk throughput stopped gaining (docs/performance.md).
+pub const DEFAULT_MEMORY_BUFFER_MAX: u64 = 1 << 20;
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_FAILS: u32 = 3;
@@ -52,6 +55,8 @@ pub struct Config {
     pub health_check: Option<Duration>,
     /// Bytes held in memory per direction per connection before spilling.
     pub memory_buffer: u64,
+    /// What a direction showing bulk may grow its memory to.
+    pub memory_buffer_max: u64,
     /// Bytes waiting on disk per direction per connection before reading
     /// from the sender stops.
     pub max_spill: u64,
@@ -159,6 +164,7 @@ impl Default for Config {
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
             health_check: None,
             memory_buffer: DEFAULT_MEMORY_BUFFER,
+            memory_buffer_max: DEFAULT_MEMORY_BUFFER_MAX,
             max_spill: DEFAULT_MAX_SPILL,
             spill_after: DEFAULT_SPILL_AFTER,
             temp_dir: std::env::temp_dir(),
@@ -256,6 +262,16 @@ impl Config {
                 format!(
                     "{} is out of range: expected a size from 1KiB to 1GiB, e.g. 64KiB",
                     self.memory_buffer
+                ),
+            );
+        }
+        if self.memory_buffer_max < self.memory_buffer || self.memory_buffer_max > MAX_MEMORY_BUFFER
+        {
+            return refuse(
+                "--memory-buffer-max",
+                format!(
+                    "{} is out of range: expected a size from --memory-buffer ({}) to 1GiB, e.g. 1MiB",
+                    self.memory_buffer_max, self.memory_buffer
                 ),
             );
         }

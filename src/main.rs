@@ -80,6 +80,13 @@ struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64KiB")]
     memory_buffer: u64,
 
+    /// What a direction carrying bulk (its memory filled, or it spilled) may
+    /// grow its memory to, while --max-memory has room; given back when it
+    /// empties. Equal to --memory-buffer: no growth [default: 1MiB, or
+    /// --memory-buffer if larger]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_buffer_max: Option<u64>,
+
     /// Bytes waiting on disk per direction per connection; past it, stop
     /// reading from the sender until the receiver catches up
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
@@ -278,6 +285,9 @@ fn serve(cli: Cli) -> ExitCode {
         fail_timeout: cli.fail_timeout,
         health_check: cli.health_check,
         memory_buffer: cli.memory_buffer,
+        memory_buffer_max: cli
+            .memory_buffer_max
+            .unwrap_or(cli.memory_buffer.max(config::DEFAULT_MEMORY_BUFFER_MAX)),
         max_spill: cli.max_spill,
         spill_after: cli.spill_after,
         temp_dir: cli.temp_dir.unwrap_or_else(std::env::temp_dir),

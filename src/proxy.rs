@@ -148,6 +148,7 @@ impl Proxy {
         let backends = Backends::with_capacity(&initial, config.balance, policy, seed(), capacity);
         let plan = BufferPlan {
             memory: config.memory_buffer as usize,
+            memory_max: config.memory_buffer_max as usize,
             max_spill: config.max_spill,
             temp_dir: Arc::<Path>::from(config.temp_dir.as_path()),
             disk: Arc::new(Budget::new(config.max_disk)),
@@ -237,13 +238,14 @@ impl Proxy {
         let config = &self.shared.config;
         let backends: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
         log::info!(
-            "listening on {} mode={} backends={} balance={} workers={} memory_buffer={} max_memory={} max_spill={} max_disk={} max_connections={} temp_dir={} metrics={}",
+            "listening on {} mode={} backends={} balance={} workers={} memory_buffer={} memory_buffer_max={} max_memory={} max_spill={} max_disk={} max_connections={} temp_dir={} metrics={}",
             self.local_addr,
             config.mode,
             backends.join(","),
             config.balance,
             config.workers,
             show_size(config.memory_buffer),
+            show_size(config.memory_buffer_max),
             show_memory_budget(config),
             show_size(config.max_spill),
             config.max_disk.map_or("unlimited".into(), show_size),
@@ -454,7 +456,7 @@ fn seed() -> u64 {
 fn show_memory_budget(config: &Config) -> String {
     let worst = (config.max_connections as u64)
         .saturating_mul(2)
-        .saturating_mul(config.memory_buffer);
+        .saturating_mul(config.memory_buffer_max);
     match config.max_memory {
         Some(limit) => show_size(limit),
         None => format!("unlimited(worst_case={})", show_size(worst)),

@@ -234,6 +234,8 @@ impl<S> Peer<S> {
 /// How a connection's buffers are sized and where they spill.
 pub struct BufferPlan {
     pub memory: usize,
+    /// `--memory-buffer-max`.
+    pub memory_max: usize,
     pub max_spill: u64,
     pub temp_dir: Arc<Path>,
     pub disk: Arc<Budget>,
@@ -253,7 +255,8 @@ impl BufferPlan {
             self.temp_dir.clone(),
             self.disk.clone(),
         )
-        .with_memory_budget(&self.memory_budget);
+        .with_memory_budget(&self.memory_budget)
+        .with_growth(self.memory_max);
         Direction::new(label, buf).with_spill_after(self.spill_after)
     }
 }

@@ -174,6 +174,14 @@ fn bad_limit_flags_are_refused() {
         "--max-disk",
         &[&["--max-disk", "lots"], &["--max-disk", "-1"]],
     );
+    assert_each_refused(
+        "--memory-buffer-max",
+        &[
+            &["--memory-buffer-max", "lots"],
+            &["--memory-buffer-max", "32KiB"],
+            &["--memory-buffer-max", "2GiB"],
+        ],
+    );
     // Less than one buffer could never hold a byte in memory.
     assert_each_refused(
         "--max-memory",
@@ -313,6 +321,7 @@ fn sizes_that_do_not_fit_are_refused() {
         "--max-disk",
         "--max-memory",
         "--memory-buffer",
+        "--memory-buffer-max",
     ] {
         for value in [
             "99999999999999999999999999KiB",
@@ -427,6 +436,7 @@ fn help_lists_every_flag() {
         "--fail-timeout",
         "--health-check",
         "--memory-buffer",
+        "--memory-buffer-max",
         "--max-spill",
         "--max-connections",
         "--max-disk",

@@ -105,7 +105,16 @@ enum Splice {
 pub struct SpillBuffer {
     /// Allocated on first use: an idle connection costs no buffer.
     mem: Vec<u8>,
+    /// What memory may hold now: `mem_base`, or up to `mem_max` for a
+    /// direction that has shown bulk (see `size_memory`).
     mem_limit: usize,
+    /// `--memory-buffer`.
+    mem_base: usize,
+    /// `--memory-buffer-max`.
+    mem_max: usize,
+    /// The sender has had a whole memory's worth waiting, or bytes went
+    /// to disk: a bulk transfer, which gains from larger steps.
+    bulk: bool,
     mem_head: usize,
     mem_len: usize,
     /// Memory held in the kernel instead of `mem` (never both at once).
@@ -139,6 +148,9 @@ impl SpillBuffer {
         SpillBuffer {
             mem: Vec::new(),
             mem_limit,
+            mem_base: mem_limit,
+            mem_max: mem_limit,
+            bulk: false,
             mem_head: 0,
             mem_len: 0,
             pipe: None,
@@ -149,6 +161,52 @@ impl SpillBuffer {
             mem_charged: false,
             first_spill_for_budget: false,
         }
+    }
+
+    /// Let memory grow to `max` (`--memory-buffer-max`) once the direction
+    /// shows bulk, while `--max-memory` has room (see `size_memory`).
+    pub fn with_growth(mut self, max: usize) -> Self {
+        self.mem_max = max.max(self.mem_base);
+        self
+    }
+
+    /// Before memory is taken anew (none held): a direction that has shown
+    /// bulk gets `mem_max` if the budget has room for it, any other (or
+    /// bulk without room) `mem_base`. Larger steps halve the system calls
+    /// per byte of a bulk transfer; an idle or small direction never holds
+    /// more than `--memory-buffer`, since empty memory is given back.
+    fn size_memory(&mut self) {
+        if self.mem_max == self.mem_base
+            || self.memory_len() > 0
+            || self.file_backlog() > 0
+            || self.mem_charged
+        {
+            return;
+        }
+        let room = |b: &Arc<Budget>| b.has_room(self.mem_max as u64);
+        let want = if self.bulk && self.mem_budget.as_ref().is_none_or(room) {
+            self.mem_max
+        } else {
+            self.mem_base
+        };
+        if want != self.mem_limit {
+            // An empty vector of the old size (kept when there is no
+            // budget) goes back to the pool.
+            self.free_mem();
+            self.mem_limit = want;
+        }
+    }
+
+    /// No pipe as large as grown memory could be had: back to `mem_base`
+    /// for good (with what was charged for the difference given back).
+    fn stop_growing(&mut self) {
+        if self.mem_charged {
+            if let Some(budget) = &self.mem_budget {
+                budget.release((self.mem_limit - self.mem_base) as u64);
+            }
+        }
+        self.mem_limit = self.mem_base;
+        self.mem_max = self.mem_base;
     }
 
     /// Charge this buffer's memory to `budget` (`--max-memory`): when it
@@ -334,6 +392,7 @@ impl SpillBuffer {
         debug_assert!(self.has_room(), "fill called with no room");
         debug_assert!(max > 0, "fill of nothing");
         self.short_read = false;
+        self.size_memory();
         let room = self.memory_room();
         if room > 0 && self.claim_memory() {
             let want = room.min(max);
@@ -354,9 +413,12 @@ impl SpillBuffer {
                 Fill::Took(n) => {
                     self.short_read = start + n < end;
                     self.mem_len += n;
-                    if self.mem_len == self.mem_limit && self.splice == Splice::NotYet {
+                    if self.mem_len == self.mem_limit {
                         // The sender had a whole memory's worth waiting.
-                        self.splice = Splice::Yes;
+                        self.bulk = true;
+                        if self.splice == Splice::NotYet {
+                            self.splice = Splice::Yes;
+                        }
                     }
                     self.check_invariants();
                     Fill::Took(n)
@@ -385,6 +447,7 @@ impl SpillBuffer {
             Fill::Took(n) => match self.file.append(&scratch[..n]) {
                 Ok(()) => {
                     self.short_read = n < want;
+                    self.bulk = true;
                     if self.splice == Splice::NotYet {
                         self.splice = Splice::Yes;
                     }
@@ -506,9 +569,22 @@ impl SpillBuffer {
     /// splicing unsupported): splicing stops for good and the caller reads
     /// instead.
     fn splice_in(&mut self, fd: RawFd, want: usize) -> Option<Fill> {
+        // Memory grew past what the (empty) pipe was made for: a new one.
+        if self
+            .pipe
+            .as_ref()
+            .is_some_and(|p| p.memory() < self.mem_limit && p.len() == 0)
+        {
+            self.pipe = None;
+        }
         if self.pipe.is_none() {
             match Pipe::new(self.mem_limit) {
                 Ok(Some(pipe)) => self.pipe = Some(pipe),
+                Ok(None) if self.mem_limit > self.mem_base => {
+                    log::debug!("no pipe as large as memory_buffer_max to be had; not growing");
+                    self.stop_growing();
+                    return self.splice_in(fd, want.min(self.mem_base));
+                }
                 Ok(None) => {
                     log::debug!("no pipe as large as memory_buffer to be had; reading instead");
                     self.splice = Splice::Never;
@@ -1345,6 +1421,47 @@ mod tests {
         assert_eq!(memory.used(), 0, "every charge returned");
     }
 
+    /// A direction that shows bulk grows its memory to `--memory-buffer-max`
+    /// once memory is empty again, if the budget has room for it, and not
+    /// otherwise; what it holds stays in order.
+    #[test]
+    fn bulk_grows_memory_when_the_budget_has_room() {
+        let (_dir, path) = temp_dir();
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
+        let mut scratch = vec![0u8; 64 * 1024];
+        for (limit, grown) in [(None, 8192), (Some(8192), 8192), (Some(4096), 1024)] {
+            let memory = Arc::new(Budget::new(limit));
+            let mut buf = SpillBuffer::new(1024, 1 << 20, path.clone(), unlimited())
+                .with_memory_budget(&memory)
+                .with_growth(8192);
+            let mut got = Vec::new();
+            // Small first: no bulk seen yet.
+            assert_eq!(buf.fill_from(&mut &data[..100], &mut scratch).took(), 100);
+            while let Drain::Gave(_) = buf.drain_into(&mut got) {}
+            assert_eq!(
+                buf.memory_limit(),
+                1024,
+                "{limit:?}: no growth without bulk"
+            );
+            let mut src_rest = &data[100..];
+            assert_eq!(
+                buf.fill_from(&mut src_rest, &mut scratch).took(),
+                1024,
+                "fills memory"
+            );
+            while let Drain::Gave(_) = buf.drain_into(&mut got) {}
+            assert_eq!(
+                buf.fill_from(&mut src_rest, &mut scratch).took(),
+                grown,
+                "{limit:?}"
+            );
+            while let Drain::Gave(_) = buf.drain_into(&mut got) {}
+            assert!(got == data[..got.len()], "{limit:?}: out of order");
+            drop(buf);
+            assert_eq!(memory.used(), 0, "{limit:?}: all returned");
+        }
+    }
+
     /// Buffers sharing a budget, filled, pushed into, looked into and
     /// drained at random: each the same queue as its model, the budget
     /// charged exactly for the buffers that hold memory, a sender never
@@ -1362,6 +1479,7 @@ mod tests {
                     let spill = if i == 3 { 0 } else { rng.below(4000) };
                     SpillBuffer::new(mem_limit, spill, path.clone(), unlimited())
                         .with_memory_budget(&memory)
+                        .with_growth(mem_limit * (1 + rng.below(3) as usize))
                 })
                 .collect();
             let mut models: Vec<VecDeque<u8>> = vec![VecDeque::new(); 4];
@@ -1429,7 +1547,8 @@ mod tests {
                             b.mem_charged, holds,
                             "seed {seed}: charged iff holding memory"
                         );
-                        if b.mem_charged { mem_limit as u64 } else { 0 }
+                        assert!(b.mem_limit == b.mem_base || b.mem_limit == b.mem_max);
+                        if b.mem_charged { b.mem_limit as u64 } else { 0 }
                     })
                     .sum();
                 assert_eq!(

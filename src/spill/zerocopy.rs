@@ -31,6 +31,8 @@ pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     len: usize,
+    /// The memory it was made to hold (`Pipe::new`'s `memory`).
+    memory: usize,
     /// A splice in found no room although `len` says there is some: the
     /// pipe counts slots, one per piece of a socket buffer, not bytes, and
     /// a sender of many small packets fills them before the bytes add up.
@@ -101,9 +103,15 @@ impl Pipe {
             read,
             write,
             len: 0,
+            memory,
             full: false,
         };
         Ok((capacity >= memory).then_some(pipe))
+    }
+
+    /// The memory it was made to hold.
+    pub fn memory(&self) -> usize {
+        self.memory
     }
 
     pub fn len(&self) -> usize {
