@@ -33,13 +33,14 @@ mod peers;
 mod process;
 mod report;
 mod rps;
+mod scrape;
 mod slow;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo bench --bench e2e -- [--smoke] [--only bulk|rps|slow] [--peers spillway,nginx-stream,haproxy,nginx-http]";
+const USAGE: &str = "usage: cargo bench --bench e2e -- [--smoke] [--only bulk|rps|slow|http|scrape] [--peers spillway,nginx-stream,haproxy,nginx-http]";
 
 /// Runs per figure in full mode; the figure is their median.
 const RUNS: usize = 3;
@@ -49,6 +50,8 @@ enum Workload {
     Bulk,
     Rps,
     Slow,
+    Http,
+    Scrape,
 }
 
 impl Workload {
@@ -57,7 +60,11 @@ impl Workload {
             "bulk" => Ok(Workload::Bulk),
             "rps" => Ok(Workload::Rps),
             "slow" => Ok(Workload::Slow),
-            _ => Err(format!("--only {s}: expected bulk, rps or slow")),
+            "http" => Ok(Workload::Http),
+            "scrape" => Ok(Workload::Scrape),
+            _ => Err(format!(
+                "--only {s}: expected bulk, rps, slow, http or scrape"
+            )),
         }
     }
 }
@@ -92,7 +99,9 @@ impl Options {
             match arg.as_str() {
                 "--smoke" => smoke = true,
                 "--only" => {
-                    let value = args.next().ok_or("--only needs bulk, rps or slow")?;
+                    let value = args
+                        .next()
+                        .ok_or("--only needs bulk, rps, slow, http or scrape")?;
                     only = Some(Workload::parse(&value)?);
                 }
                 "--peers" => {
@@ -154,6 +163,9 @@ fn main() -> ExitCode {
     }
     if opts.wants(Workload::Slow) {
         failures.extend(slow::run(&opts, work.path()));
+    }
+    if opts.wants(Workload::Scrape) {
+        failures.extend(scrape::run(&opts, work.path()));
     }
 
     if failures.is_empty() {
