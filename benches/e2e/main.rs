@@ -29,6 +29,7 @@
 
 mod backend;
 mod bulk;
+mod http;
 mod peers;
 mod process;
 mod report;
@@ -163,6 +164,9 @@ fn main() -> ExitCode {
     }
     if opts.wants(Workload::Slow) {
         failures.extend(slow::run(&opts, work.path()));
+    }
+    if opts.wants(Workload::Http) {
+        failures.extend(http::run(&opts, work.path()));
     }
     if opts.wants(Workload::Scrape) {
         failures.extend(scrape::run(&opts, work.path()));

@@ -90,6 +90,13 @@ impl Setup {
             http: false,
         }
     }
+
+    pub fn http(workers: usize) -> Setup {
+        Setup {
+            workers,
+            http: true,
+        }
+    }
 }
 
 /// The rows for `peers` (in their order), each peer followed by the

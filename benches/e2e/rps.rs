@@ -90,6 +90,8 @@ pub enum Against {
     /// The faster of nginx stream and HAProxy tcp: the TCP proxies
     /// spillway's `tcp` mode replaces.
     BestTcpPeer,
+    /// nginx `http`: what spillway's `http` mode replaces.
+    NginxHttp,
 }
 
 /// One table of wrk runs: the direct row, then `proxies`, each set up as
@@ -287,6 +289,10 @@ fn print(opts: &Options, spec: &Spec, rows: &[Row]) {
             .filter(|r| r.proxy.is_some_and(|p| peers::TCP_PEERS.contains(&p.peer)))
             .filter_map(rps)
             .reduce(f64::max),
+        Against::NginxHttp => rows
+            .iter()
+            .find(|r| r.proxy.is_some_and(|p| p.peer == Peer::NginxHttp))
+            .and_then(rps),
     };
     let shipped = Proxy {
         peer: Peer::Spillway,
@@ -303,6 +309,7 @@ fn print(opts: &Options, spec: &Spec, rows: &[Row]) {
             "x best TCP peer",
             "x best TCP peer: against the faster of nginx stream and HAProxy tcp",
         ),
+        Against::NginxHttp => ("x nginx http", "x nginx http: against nginx http's req/s"),
     };
     let mut header = vec!["", "req/s", against];
     if variants {
