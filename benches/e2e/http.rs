@@ -8,7 +8,9 @@
 //!   tables (`wrk -t2 -c50`, the nginx backend serving 1KiB) with HTTP
 //!   proxies, at one worker and at one per core; the ratio is against
 //!   nginx `http`. Here a proxy can reuse its backend connections, which a
-//!   TCP proxy cannot.
+//!   TCP proxy cannot. At one worker "spillway http warn" (`--log-level
+//!   warn`) stands beside it: in this mode the INFO log has a line per
+//!   request.
 //! - **slow downloads**: 100 clients, each fetching 8MiB twice, one after
 //!   the other on one keep-alive connection, reading at 1MiB/s. The figure
 //!   is the backend's hold per request, from the first byte of the request
@@ -114,11 +116,18 @@ fn rps_tables(opts: &Options, work: &Path) -> Vec<String> {
     let mut failures = Vec::new();
     for mode in Mode::BOTH {
         for n in rps::worker_counts(opts) {
+            // In http mode spillway logs a line per request, not per
+            // connection: at one worker, a warn row prices that.
+            let variants: &[Variant] = if n == 1 {
+                &[Variant::Shipped, Variant::Warn]
+            } else {
+                &[Variant::Shipped]
+            };
             let spec = Spec {
                 name: "http rps",
                 mode,
                 setup: Setup::http(n),
-                proxies: peers::rows(&opts.peers, &[Variant::Shipped], true),
+                proxies: peers::rows(&opts.peers, variants, true),
                 against: Against::NginxHttp,
             };
             failures.extend(rps::table(opts, &wrk, backend.addr, work, &spec));
