@@ -5,15 +5,18 @@
 //! worker. The client reads as fast as it can, but the backend writes
 //! faster still, so a proxy that spills (spillway, nginx http) spills much
 //! of the body, and one that does not (nginx stream, HAProxy) stops
-//! reading instead: the table shows the price of the spill.
+//! reading instead: the table shows the price of the spill. `spillway
+//! +metrics` is spillway with `--metrics-listen`, scraped every second
+//! while it works: beside `spillway`, what metrics cost.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::backend::{self, HttpBackend, Pace};
-use crate::peers::{self, Logs, Peer};
+use crate::peers::{self, Proxy, Setup, Variant};
 use crate::report::{Table, median, median_bytes, mib, problems_note, ratio};
+use crate::scrape::{self, Scraper, ScraperReport};
 use crate::{Options, run_order};
 
 const BYTES: u64 = 1 << 30;
@@ -24,28 +27,32 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 struct Row {
     label: String,
-    peer: Option<Peer>,
+    proxy: Option<Proxy>,
     skipped: Option<String>,
     mb_per_s: Vec<f64>,
     cpu_per_gib: Vec<f64>,
     spilled: Vec<u64>,
     problems: Vec<String>,
+    /// `+metrics` rows: what the scrapes during each run saw.
+    scrapes: Vec<ScraperReport>,
 }
 
 /// Run the bulk workload, print its table; the checks that failed.
 pub fn run(opts: &Options, work: &Path) -> Vec<String> {
     let bytes = if opts.smoke { SMOKE_BYTES } else { BYTES };
     let backend = HttpBackend::start(bytes, None);
+    let proxies = peers::rows(&opts.peers, &[Variant::Shipped, Variant::Metrics], false);
     let mut rows: Vec<Row> = std::iter::once(None)
-        .chain(opts.peers.iter().copied().map(Some))
-        .map(|peer| Row {
-            label: peer.map_or("direct (no proxy)".into(), |p| p.name().to_string()),
-            peer,
+        .chain(proxies.into_iter().map(Some))
+        .map(|proxy| Row {
+            label: proxy.map_or("direct (no proxy)".into(), |p| p.label(false)),
+            proxy,
             skipped: None,
             mb_per_s: Vec::new(),
             cpu_per_gib: Vec::new(),
             spilled: Vec::new(),
             problems: Vec::new(),
+            scrapes: Vec::new(),
         })
         .collect();
     let mut failures = Vec::new();
@@ -55,8 +62,12 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
             if row.skipped.is_some() {
                 continue;
             }
+            let cell = format!("bulk, {}, run {}", row.label, run + 1);
             if let Err(e) = one(row, run as u64, bytes, backend.addr, work) {
-                failures.push(format!("bulk, {}, run {}: {e}", row.label, run + 1));
+                failures.push(format!("{cell}: {e}"));
+            }
+            if let Some(e) = row.scrapes.last().and_then(|s| s.failures.first()) {
+                failures.push(format!("{cell}: a scrape of /metrics failed: {e}"));
             }
         }
     }
@@ -66,9 +77,9 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
 
 /// One transfer through `row`'s proxy (started for it, stopped after).
 fn one(row: &mut Row, id: u64, bytes: u64, backend: SocketAddr, work: &Path) -> Result<(), String> {
-    let proxy = match row.peer {
+    let proxy = match row.proxy {
         None => None,
-        Some(peer) => match peer.start(backend, 1, Logs::PerConnection, work) {
+        Some(proxy) => match proxy.start(backend, Setup::tcp(1), work) {
             Ok(p) => Some(p),
             Err(why) => {
                 row.skipped = Some(why);
@@ -77,6 +88,7 @@ fn one(row: &mut Row, id: u64, bytes: u64, backend: SocketAddr, work: &Path) -> 
         },
     };
     let addr = proxy.as_ref().map_or(backend, |p| p.addr);
+    let scraper = proxy.as_ref().and_then(|p| p.metrics).map(Scraper::start);
     let cpu_before = proxy.as_ref().map(|p| p.cpu_seconds());
     let fetched = backend::fetch(
         addr,
@@ -91,6 +103,9 @@ fn one(row: &mut Row, id: u64, bytes: u64, backend: SocketAddr, work: &Path) -> 
         .as_ref()
         .zip(cpu_before)
         .map(|(p, before)| p.cpu_seconds() - before);
+    if let Some(scraper) = scraper {
+        row.scrapes.push(scraper.finish());
+    }
     if let Some(p) = proxy {
         let finished = p.finish();
         row.spilled.extend(finished.spilled);
@@ -111,7 +126,7 @@ fn print(opts: &Options, bytes: u64, rows: &[Row]) {
     let direct = rows.first().and_then(speed);
     let best_tcp = rows
         .iter()
-        .filter(|r| r.peer.is_some_and(|p| peers::TCP_PEERS.contains(&p)))
+        .filter(|r| r.proxy.is_some_and(|p| peers::TCP_PEERS.contains(&p.peer)))
         .filter_map(speed)
         .reduce(f64::max);
     let mut table = Table::new(
@@ -148,6 +163,7 @@ fn print(opts: &Options, bytes: u64, rows: &[Row]) {
             median_bytes(&row.spilled).map_or("-".into(), mib),
         ]);
         table.notes_extend(problems_note(&row.label, &row.problems));
+        table.notes_extend(scrape::note(&row.label, &row.scrapes));
     }
     table.note("x best TCP peer: against the faster of nginx stream and HAProxy tcp");
     table.print();

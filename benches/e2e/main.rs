@@ -1,14 +1,15 @@
 //! End-to-end benchmark: the same work through a direct connection,
 //! spillway, and — when installed — nginx `stream`, nginx `http` with
-//! proxy buffering, and HAProxy `mode tcp`, side by side in one run: one
-//! table per workload, quoted as ratios between rows of that table.
+//! proxy buffering, and HAProxy (`mode tcp`, or `mode http` in the HTTP
+//! workload), side by side in one run: one table per workload, quoted as
+//! ratios between rows of that table.
 //!
 //! ```sh
 //! apt-get install -y nginx libnginx-mod-stream haproxy wrk  # peers; skipped if absent
-//! cargo bench --bench e2e                       # every workload, median of 3 runs: ~8 minutes
-//! cargo bench --bench e2e -- --only slow        # one workload: bulk, rps or slow
+//! cargo bench --bench e2e                       # every workload, median of 3 runs
+//! cargo bench --bench e2e -- --only http        # one workload: bulk, rps, slow, http or scrape
 //! cargo bench --bench e2e -- --peers spillway,nginx-http  # only these proxies (direct rows always run)
-//! cargo bench --bench e2e -- --smoke            # seconds, for CI: checks it works
+//! cargo bench --bench e2e -- --smoke            # about a minute, for CI: checks it works
 //! ```
 //!
 //! Workloads (each module says what it measures and why):
@@ -16,30 +17,47 @@
 //! - [`rps`]: many short HTTP/1.1 exchanges driven by `wrk`, keep-alive and
 //!   a connection per request, at one worker and at one per core;
 //! - [`slow`]: 100 clients reading 8MiB each at 1MiB/s: how long the
-//!   backend is held, what the proxy holds in memory and on disk.
+//!   backend is held, what the proxy holds in memory and on disk;
+//! - [`http`]: spillway `--mode http` beside nginx `http` and HAProxy
+//!   `mode http`: the rps tables, slow keep-alive downloads (100 clients x
+//!   2 x 8MiB at 1MiB/s) and slow uploads (100 clients x 8MiB at 1MiB/s),
+//!   with the backend's time per request;
+//! - [`scrape`]: how long `GET /metrics` takes while spillway holds 1,000
+//!   connections.
+//!
+//! spillway runs as shipped, INFO logs to a file included; the peers run
+//! with their logs off. Where a spillway setting has a price, a row shows
+//! it beside plain "spillway": "spillway warn" (`--log-level warn`, in
+//! rps) for the INFO lines, "spillway +metrics" (`--metrics-listen`,
+//! scraped every second, in rps and bulk) for metrics. `--peers spillway`
+//! selects every spillway row; `haproxy` is HAProxy in `mode tcp` or
+//! `mode http`, as the workload asks.
 //!
 //! Runs are interleaved (run 1 of every row, then run 2, ...) so a noisy
 //! minute on a shared machine spreads over the rows instead of sinking one,
 //! and every proxy is started afresh for each run. The proxies' order turns
 //! by one each run (`run_order`): the slot right after the direct rows
 //! cost whichever buffering proxy sat in it 150-200ms of slow-client hold
-//! p99, and a fixed order gave that slot to spillway every time. Smoke mode checks that
-//! every byte arrived and no request failed, and exits non-zero if not; no
-//! mode ever asserts on a timing.
+//! p99, and a fixed order gave that slot to spillway every time. Smoke mode
+//! checks that every byte arrived (downloads at the client, uploads at the
+//! backend), no request failed and every scrape answered, and exits
+//! non-zero if not; no mode ever asserts on a timing.
 
 mod backend;
 mod bulk;
+mod http;
 mod peers;
 mod process;
 mod report;
 mod rps;
+mod scrape;
 mod slow;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo bench --bench e2e -- [--smoke] [--only bulk|rps|slow] [--peers spillway,nginx-stream,haproxy,nginx-http]";
+const USAGE: &str = "usage: cargo bench --bench e2e -- [--smoke] [--only bulk|rps|slow|http|scrape] [--peers spillway,nginx-stream,haproxy,nginx-http]";
 
 /// Runs per figure in full mode; the figure is their median.
 const RUNS: usize = 3;
@@ -49,6 +67,8 @@ enum Workload {
     Bulk,
     Rps,
     Slow,
+    Http,
+    Scrape,
 }
 
 impl Workload {
@@ -57,7 +77,11 @@ impl Workload {
             "bulk" => Ok(Workload::Bulk),
             "rps" => Ok(Workload::Rps),
             "slow" => Ok(Workload::Slow),
-            _ => Err(format!("--only {s}: expected bulk, rps or slow")),
+            "http" => Ok(Workload::Http),
+            "scrape" => Ok(Workload::Scrape),
+            _ => Err(format!(
+                "--only {s}: expected bulk, rps, slow, http or scrape"
+            )),
         }
     }
 }
@@ -92,7 +116,9 @@ impl Options {
             match arg.as_str() {
                 "--smoke" => smoke = true,
                 "--only" => {
-                    let value = args.next().ok_or("--only needs bulk, rps or slow")?;
+                    let value = args
+                        .next()
+                        .ok_or("--only needs bulk, rps, slow, http or scrape")?;
                     only = Some(Workload::parse(&value)?);
                 }
                 "--peers" => {
@@ -154,6 +180,12 @@ fn main() -> ExitCode {
     }
     if opts.wants(Workload::Slow) {
         failures.extend(slow::run(&opts, work.path()));
+    }
+    if opts.wants(Workload::Http) {
+        failures.extend(http::run(&opts, work.path()));
+    }
+    if opts.wants(Workload::Scrape) {
+        failures.extend(scrape::run(&opts, work.path()));
     }
 
     if failures.is_empty() {

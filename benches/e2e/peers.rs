@@ -4,9 +4,12 @@
 //! when its [`Running`] guard goes, panics included (see `process`).
 //!
 //! What "alike" means here: the same worker count (one unless a workload
-//! says otherwise), logs off or at warnings only, 64KiB per direction in
-//! memory. The exact texts are in [`Peer::command`] and the `*_conf`
-//! functions; docs/performance.md quotes them.
+//! says otherwise), the peers' logs off (errors only), 64KiB per direction
+//! in memory, and for HTTP proxying the same upstream keep-alive pool
+//! ([`UPSTREAM_KEEPALIVE`]). spillway runs as shipped, INFO logs to a file
+//! included, unless a row's [`Variant`] says otherwise. The exact texts are
+//! in [`Proxy::command`] and the `*_conf` functions; docs/performance.md
+//! quotes them.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -42,15 +45,79 @@ pub const ALL: [Peer; 4] = [
 /// proxies spillway replaces.
 pub const TCP_PEERS: [Peer; 2] = [Peer::NginxStream, Peer::Haproxy];
 
-/// Where spillway reads its log level from for a run.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Logs {
-    /// `--log-level info`: one summary line per connection, which carries
-    /// `up_spilled=`/`down_spilled=`. For workloads with few connections.
-    PerConnection,
-    /// `--log-level warn`: as quiet as the peers' logs, for rps, where a
-    /// line per connection would be work the peers do not do.
-    Problems,
+/// Idle backend connections an HTTP proxy keeps for reuse: nginx's
+/// upstream `keepalive`, spillway's `--upstream-keepalive`, HAProxy's
+/// `pool-max-conn`. At least wrk's 50 connections: with 32, nginx opened a
+/// new backend connection for about one request in five.
+pub const UPSTREAM_KEEPALIVE: usize = 64;
+
+/// How a spillway row differs from spillway as shipped. The peers have one
+/// way to run each: they take [`Variant::Shipped`] only.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Variant {
+    /// Its defaults: INFO logs (a line per connection in `tcp` mode, per
+    /// request in `http` mode), no metrics listener.
+    Shipped,
+    /// `--log-level warn`: as quiet as the peers, so that the ratio of the
+    /// two rows is what the INFO lines cost.
+    Warn,
+    /// `--metrics-listen` on a free port, scraped while the work runs: the
+    /// ratio to [`Variant::Shipped`] is what metrics cost.
+    Metrics,
+}
+
+/// One proxy row of a table: a peer, and for spillway how it is set up.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Proxy {
+    pub peer: Peer,
+    pub variant: Variant,
+}
+
+/// What a workload asks of every proxy in its table.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Setup {
+    pub workers: usize,
+    /// Proxy HTTP as HTTP: spillway `--mode http`, HAProxy `mode http`
+    /// with `option http-buffer-request`. nginx `http` is the same either
+    /// way; nginx `stream` cannot take part.
+    pub http: bool,
+}
+
+impl Setup {
+    pub fn tcp(workers: usize) -> Setup {
+        Setup {
+            workers,
+            http: false,
+        }
+    }
+
+    pub fn http(workers: usize) -> Setup {
+        Setup {
+            workers,
+            http: true,
+        }
+    }
+}
+
+/// The rows for `peers` (in their order), each peer followed by the
+/// spillway `variants` asked for; the peers other than spillway get one
+/// row each, as shipped. With `http`, nginx `stream` has no row.
+pub fn rows(peers: &[Peer], variants: &[Variant], http: bool) -> Vec<Proxy> {
+    let mut out = Vec::new();
+    for &peer in peers {
+        if http && peer == Peer::NginxStream {
+            continue;
+        }
+        if peer == Peer::Spillway {
+            out.extend(variants.iter().map(|&variant| Proxy { peer, variant }));
+        } else {
+            out.push(Proxy {
+                peer,
+                variant: Variant::Shipped,
+            });
+        }
+    }
+    out
 }
 
 impl Peer {
@@ -86,24 +153,45 @@ impl Peer {
             Peer::NginxHttp => "nginx http buffering",
         }
     }
+}
 
-    /// Start this peer in front of `backend`, in a fresh directory under
-    /// `work`, and wait until it accepts connections.
-    pub fn start(
-        self,
-        backend: SocketAddr,
-        workers: usize,
-        logs: Logs,
-        work: &Path,
-    ) -> Result<Running, String> {
-        let dir = fresh_dir(work, self.key())?;
+impl Proxy {
+    /// The row's label: the peer, `http` for the HTTP proxies in an HTTP
+    /// table, and the variant.
+    pub fn label(self, http: bool) -> String {
+        let base = match (self.peer, http) {
+            (Peer::Spillway, true) => "spillway http",
+            (Peer::Haproxy, true) => "HAProxy http",
+            (Peer::NginxHttp, true) => "nginx http",
+            (peer, _) => peer.name(),
+        };
+        match self.variant {
+            Variant::Shipped => base.to_string(),
+            Variant::Warn => format!("{base} warn"),
+            Variant::Metrics => format!("{base} +metrics"),
+        }
+    }
+
+    /// Start this proxy in front of `backend`, in a fresh directory under
+    /// `work`, and wait until it accepts connections (and scrapes, with
+    /// metrics on).
+    pub fn start(self, backend: SocketAddr, setup: Setup, work: &Path) -> Result<Running, String> {
+        let dir = fresh_dir(work, self.peer.key())?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let (cmd, kind) = self.command(backend, addr, workers, logs, &dir)?;
+        let metrics = match self.variant {
+            Variant::Metrics => Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+            _ => None,
+        };
+        let (cmd, kind) = self.command(backend, addr, metrics, setup, &dir)?;
         let mut running = Running::spawn(cmd, kind, addr, dir)?;
         running.wait_listening()?;
-        if self == Peer::NginxHttp {
-            let temp = running.dir.join("proxy_temp");
-            running.watch_temp_files(temp);
+        if let Some(at) = metrics {
+            running.wait_metrics(at)?;
+        }
+        if self.peer == Peer::NginxHttp {
+            // Responses to proxy_temp, request bodies to client_body_temp.
+            let temp = ["proxy_temp", "client_body_temp"].map(|d| running.dir.join(d));
+            running.watch_temp_files(temp.to_vec());
         }
         Ok(running)
     }
@@ -112,11 +200,12 @@ impl Peer {
         self,
         backend: SocketAddr,
         addr: SocketAddr,
-        workers: usize,
-        logs: Logs,
+        metrics: Option<SocketAddr>,
+        setup: Setup,
         dir: &Path,
     ) -> Result<(Command, Kind), String> {
-        match self {
+        let workers = setup.workers;
+        match self.peer {
             Peer::Spillway => {
                 let spill = dir.join("spill");
                 fs::create_dir_all(&spill).map_err(|e| format!("{}: {e}", spill.display()))?;
@@ -128,17 +217,27 @@ impl Peer {
                     .arg(&spill)
                     .arg("--log-file")
                     .arg(dir.join("spillway.log"))
-                    .args([
-                        "--log-level",
-                        match logs {
-                            Logs::PerConnection => "info",
-                            Logs::Problems => "warn",
-                        },
-                    ]);
-                cmd.args(["--workers", &workers.to_string()]);
+                    .args(["--workers", &workers.to_string()]);
+                if setup.http {
+                    cmd.args(["--mode", "http"])
+                        .args(["--upstream-keepalive", &UPSTREAM_KEEPALIVE.to_string()]);
+                }
+                match self.variant {
+                    Variant::Shipped => {}
+                    Variant::Warn => {
+                        cmd.args(["--log-level", "warn"]);
+                    }
+                    Variant::Metrics => {
+                        let at = metrics.ok_or("a metrics row without a metrics port")?;
+                        cmd.args(["--metrics-listen", &at.to_string()]);
+                    }
+                }
                 Ok((cmd, Kind::Spillway))
             }
             Peer::NginxStream => {
+                if setup.http {
+                    return Err("nginx stream is no HTTP proxy".into());
+                }
                 let body = format!(
                     "stream {{\n  server {{\n    listen {addr};\n    proxy_pass {backend};\n    proxy_buffer_size 64k;\n  }}\n}}\n"
                 );
@@ -151,7 +250,7 @@ impl Peer {
             }
             Peer::Haproxy => {
                 let haproxy = which("haproxy").ok_or("not installed (apt-get install haproxy)")?;
-                let conf = haproxy_conf(addr, backend, workers);
+                let conf = haproxy_conf(addr, backend, setup);
                 let path = dir.join("haproxy.cfg");
                 fs::write(&path, conf).map_err(|e| format!("{}: {e}", path.display()))?;
                 let mut cmd = Command::new(haproxy);
@@ -163,19 +262,29 @@ impl Peer {
     }
 }
 
-/// nginx's HTTP proxy, buffering on, with 64KiB in memory per response
-/// (a 16k buffer for the head and the first bytes, three more of 16k) and
-/// the rest in a temp file in its directory, up to 2GiB. Upstream
-/// connections are kept alive (HTTP/1.1, `keepalive 32`), as an HTTP
-/// proxy in front of an HTTP backend would be set up.
+/// nginx's HTTP proxy, buffering both ways, as an HTTP proxy in front of
+/// an HTTP backend would be set up:
+/// - a response: 64KiB in memory (a 16k buffer for the head and the first
+///   bytes, three more of 16k), the rest in a temp file in its directory,
+///   up to 2GiB;
+/// - a request body: read whole before the backend is chosen
+///   (`proxy_request_buffering on`), 64KiB in memory, the rest in a temp
+///   file; up to 1GiB, spillway's default `--max-request-body`;
+/// - upstream connections kept alive: HTTP/1.1, [`UPSTREAM_KEEPALIVE`]
+///   idle ones per worker, none cut after a number of requests;
+/// - client connections never cut after a number of requests either
+///   (`keepalive_requests`), so wrk's stay up for the whole run.
 fn nginx_http_proxy(dir: &Path, addr: SocketAddr, backend: SocketAddr) -> String {
     format!(
         "http {{
   access_log off;
 {temp}  keepalive_requests 1000000;
+  client_max_body_size 1g;
+  client_body_buffer_size 64k;
   upstream backend {{
     server {backend};
-    keepalive 32;
+    keepalive {UPSTREAM_KEEPALIVE};
+    keepalive_requests 1000000;
   }}
   server {{
     listen {addr};
@@ -184,6 +293,7 @@ fn nginx_http_proxy(dir: &Path, addr: SocketAddr, backend: SocketAddr) -> String
       proxy_http_version 1.1;
       proxy_set_header Connection \"\";
       proxy_buffering on;
+      proxy_request_buffering on;
       proxy_buffer_size 16k;
       proxy_buffers 3 16k;
       proxy_busy_buffers_size 32k;
@@ -248,20 +358,40 @@ pub fn nginx_command(dir: &Path, conf: &str) -> Result<Command, String> {
     Ok(cmd)
 }
 
-fn haproxy_conf(addr: SocketAddr, backend: SocketAddr, workers: usize) -> String {
+/// HAProxy, no `log` line (logs off), 64KiB buffers. In `mode http`:
+/// - `option http-buffer-request`: it waits for the request body before
+///   choosing a server, as far as one buffer (64KiB) holds;
+/// - `http-reuse always`: an idle server connection serves any client's
+///   request, as nginx's and spillway's pools do (the default, `safe`,
+///   gives every client connection's first request a connection of its
+///   own, so with `Connection: close` no connection would ever be reused);
+/// - `pool-max-conn` (idle connections to the server, in all):
+///   [`UPSTREAM_KEEPALIVE`] per thread, as nginx and spillway keep per
+///   worker.
+fn haproxy_conf(addr: SocketAddr, backend: SocketAddr, setup: Setup) -> String {
+    let workers = setup.workers;
+    let (mode, options, server) = if setup.http {
+        (
+            "http",
+            "  option http-buffer-request\n  http-reuse always\n".to_string(),
+            format!(" pool-max-conn {}", UPSTREAM_KEEPALIVE * workers),
+        )
+    } else {
+        ("tcp", String::new(), String::new())
+    };
     format!(
         "global
   nbthread {workers}
   tune.bufsize 65536
   maxconn 4000
 defaults
-  mode tcp
-  timeout connect 5s
+  mode {mode}
+{options}  timeout connect 5s
   timeout client 60s
   timeout server 60s
 listen bench
   bind {addr}
-  server backend {backend}
+  server backend {backend}{server}
 "
     )
 }

@@ -37,6 +37,8 @@ pub struct Running {
     kind: Kind,
     pub addr: SocketAddr,
     pub dir: PathBuf,
+    /// Where it serves `GET /metrics`, if it does.
+    pub metrics: Option<SocketAddr>,
     sampler: Option<DiskSampler>,
 }
 
@@ -70,6 +72,7 @@ impl Running {
             kind,
             addr,
             dir,
+            metrics: None,
             sampler: None,
         })
     }
@@ -105,10 +108,30 @@ impl Running {
         }
     }
 
+    /// Wait (bounded) until its metrics listener at `at` answers a scrape.
+    pub fn wait_metrics(&mut self, at: SocketAddr) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exited at start ({status}): {}", self.log_tail()));
+            }
+            match crate::scrape::get(at) {
+                Ok(_) => {
+                    self.metrics = Some(at);
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("no metrics at {at} within {START_TIMEOUT:?}: {e}"));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     /// From now until `finish`, total up what it writes to temp files
-    /// under `dir` (see [`DiskSampler`]); `finish` reports that as spilled.
-    pub fn watch_temp_files(&mut self, dir: PathBuf) {
-        self.sampler = Some(DiskSampler::start(self.child.id(), dir));
+    /// under `dirs` (see [`DiskSampler`]); `finish` reports that as spilled.
+    pub fn watch_temp_files(&mut self, dirs: Vec<PathBuf>) {
+        self.sampler = Some(DiskSampler::start(self.child.id(), dirs));
     }
 
     /// The process and its children (nginx's workers).
@@ -191,10 +214,14 @@ impl Running {
         let mut lines: Vec<String> = match self.kind {
             // Its first spill per direction is a WARN (the cue to tune
             // --memory-buffer); here spilling is the point, not a problem.
+            // The HTTP mode words it as nginx does.
             Kind::Spillway => read("spillway.log")
                 .lines()
                 .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-                .filter(|l| !l.contains(" spilling to disk: "))
+                .filter(|l| {
+                    !l.contains(" spilling to disk: ")
+                        && !l.contains(" is buffered to a temporary file: ")
+                })
                 .map(String::from)
                 .collect(),
             // The error log is at `warn`: everything in it is a problem,
@@ -302,7 +329,9 @@ fn children(root: u32) -> Vec<u32> {
 }
 
 /// Bytes spillway wrote to spill files: the sum of `up_spilled=` and
-/// `down_spilled=` over its per-connection close lines.
+/// `down_spilled=` over its lines. In `tcp` mode the close line of each
+/// connection carries them; in `http` mode the access line of each request
+/// does, and the close line does not, so no byte is counted twice.
 fn spillway_spilled(log: &Path) -> u64 {
     let text = fs::read_to_string(log).unwrap_or_default();
     let field = |line: &str, key: &str| -> u64 {
@@ -312,13 +341,13 @@ fn spillway_spilled(log: &Path) -> u64 {
             .unwrap_or(0)
     };
     text.lines()
-        .filter(|l| l.contains(" closed "))
+        .filter(|l| l.contains(" up_spilled="))
         .map(|l| field(l, "up_spilled=") + field(l, "down_spilled="))
         .sum()
 }
 
-/// Watches the temp files a process tree holds open under a directory
-/// (nginx's `proxy_temp_path`) every 50ms, through /proc/PID/fd: nginx
+/// Watches the temp files a process tree holds open under some directories
+/// (nginx's `proxy_temp_path` and `client_body_temp_path`) every 50ms, through /proc/PID/fd: nginx
 /// unlinks a temp file as soon as it opens it, so the directory itself
 /// always looks empty. nginx only appends to a response's temp file, so the
 /// largest size each file reached, summed, is what it wrote, give or take
@@ -335,14 +364,14 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 const MAX_SAMPLES: usize = 72_000;
 
 impl DiskSampler {
-    fn start(root: u32, dir: PathBuf) -> DiskSampler {
+    fn start(root: u32, dirs: Vec<PathBuf>) -> DiskSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::spawn(move || {
             let mut files = OpenFiles::default();
             for _ in 0..MAX_SAMPLES {
                 for pid in std::iter::once(root).chain(children(root)) {
-                    files.sample(pid, &dir);
+                    files.sample(pid, &dirs);
                 }
                 if flag.load(Ordering::Relaxed) {
                     break;
@@ -369,7 +398,7 @@ struct OpenFiles {
 }
 
 impl OpenFiles {
-    fn sample(&mut self, pid: u32, dir: &Path) {
+    fn sample(&mut self, pid: u32, dirs: &[PathBuf]) {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             return;
         };
@@ -378,7 +407,7 @@ impl OpenFiles {
             let Ok(target) = fs::read_link(fd.path()) else {
                 continue;
             };
-            if !target.starts_with(dir) {
+            if !dirs.iter().any(|d| target.starts_with(d)) {
                 continue;
             }
             // metadata() follows the link to the open file itself.

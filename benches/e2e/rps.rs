@@ -9,6 +9,12 @@
 //! as wrk reports them, and errors (non-2xx/3xx responses and socket
 //! errors), summed over the runs. Before wrk, one request through the
 //! proxy checks the file arrives byte for byte.
+//!
+//! At one worker spillway has three rows: as shipped (INFO logs: a line
+//! per connection), `spillway warn` (`--log-level warn`) and `spillway
+//! +metrics` (`--metrics-listen`, scraped every second during the run);
+//! the column `x spillway` gives their ratios to the first. The `http`
+//! workload runs the same tables with HTTP proxies ([`table`], [`Spec`]).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -19,9 +25,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::peers::{self, Logs, Peer};
+use crate::peers::{self, Peer, Proxy, Setup, Variant};
 use crate::process::{self, Kind, Running};
 use crate::report::{Table, median, problems_note, ratio};
+use crate::scrape::{self, Scraper, ScraperReport};
 use crate::{Options, run_order};
 
 const SECS: u64 = 5;
@@ -38,13 +45,15 @@ const WRK_GRACE: Duration = Duration::from_secs(20);
 const INDEX_LEN: usize = 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub enum Mode {
     KeepAlive,
     /// `Connection: close`: one TCP connection per request.
     Close,
 }
 
 impl Mode {
+    pub const BOTH: [Mode; 2] = [Mode::KeepAlive, Mode::Close];
+
     fn name(self) -> &'static str {
         match self {
             Mode::KeepAlive => "keep-alive",
@@ -75,16 +84,58 @@ impl WrkRun {
     }
 }
 
+/// Which row a table's ratio column divides by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Against {
+    /// The faster of nginx stream and HAProxy tcp: the TCP proxies
+    /// spillway's `tcp` mode replaces.
+    BestTcpPeer,
+    /// nginx `http`: what spillway's `http` mode replaces.
+    NginxHttp,
+}
+
+/// One table of wrk runs: the direct row, then `proxies`, each set up as
+/// `setup` says.
+pub struct Spec {
+    /// The table's name: "rps" or "http rps".
+    pub name: &'static str,
+    pub mode: Mode,
+    pub setup: Setup,
+    pub proxies: Vec<Proxy>,
+    pub against: Against,
+}
+
 struct Row {
     label: String,
-    peer: Option<Peer>,
+    proxy: Option<Proxy>,
     skipped: Option<String>,
     runs: Vec<WrkRun>,
     problems: Vec<String>,
+    /// `+metrics` rows: what the scrapes during each run saw.
+    scrapes: Vec<ScraperReport>,
+}
+
+/// How long each wrk run lasts.
+pub fn secs(opts: &Options) -> u64 {
+    if opts.smoke { SMOKE_SECS } else { SECS }
+}
+
+/// The worker counts every table is run at: one, and one per core (full
+/// mode only, on a machine with more than one).
+pub fn worker_counts(opts: &Options) -> Vec<usize> {
+    let mut workers = vec![1];
+    if !opts.smoke && peers::cores() > 1 {
+        workers.push(peers::cores());
+    }
+    workers
 }
 
 /// Run the rps workload, print a table per mode and worker count; the
 /// checks that failed.
+///
+/// At one worker spillway has three rows: as shipped (INFO logs), `warn`
+/// (the difference is what logging costs) and `+metrics` (scraped every
+/// second: the difference is what metrics cost).
 pub fn run(opts: &Options, work: &Path) -> Vec<String> {
     let Some(wrk) = peers::which("wrk") else {
         println!("\nrps: skipped: wrk is not installed (apt-get install wrk)");
@@ -97,64 +148,102 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
             return Vec::new();
         }
     };
-    let secs = if opts.smoke { SMOKE_SECS } else { SECS };
-    let mut workers = vec![1];
-    if !opts.smoke && peers::cores() > 1 {
-        workers.push(peers::cores());
-    }
     let mut failures = Vec::new();
-    for mode in [Mode::KeepAlive, Mode::Close] {
-        for &n in &workers {
-            let mut rows: Vec<Row> = std::iter::once(None)
-                .chain(opts.peers.iter().copied().map(Some))
-                .map(|peer| Row {
-                    label: peer.map_or("direct (nginx backend)".into(), |p| p.name().to_string()),
-                    peer,
-                    skipped: None,
-                    runs: Vec::new(),
-                    problems: Vec::new(),
-                })
-                .collect();
-            for run in 0..opts.runs {
-                for i in run_order(rows.len(), 1, run) {
-                    let row = &mut rows[i];
-                    if row.skipped.is_some() {
-                        continue;
-                    }
-                    let cell = format!(
-                        "rps, {}, {n} worker(s), {}, run {}",
-                        mode.name(),
-                        row.label,
-                        run + 1
-                    );
-                    match one(row, &wrk, mode, n, secs, backend.addr, work) {
-                        Ok(Some(r)) => {
-                            if r.requests == 0 {
-                                failures.push(format!("{cell}: no request completed"));
-                            } else if r.errors() > 0 {
-                                failures.push(format!(
-                                    "{cell}: {} failed request(s) (non-2xx {}, connect {}, read {}, write {})",
-                                    r.errors(),
-                                    r.non_2xx,
-                                    r.connect,
-                                    r.read,
-                                    r.write
-                                ));
-                            }
-                            row.runs.push(r);
-                        }
-                        Ok(None) => {}
-                        Err(e) => failures.push(format!("{cell}: {e}")),
-                    }
-                }
-            }
-            print(opts, mode, n, secs, &rows);
+    for mode in Mode::BOTH {
+        for n in worker_counts(opts) {
+            let variants: &[Variant] = if n == 1 {
+                &[Variant::Shipped, Variant::Warn, Variant::Metrics]
+            } else {
+                &[Variant::Shipped]
+            };
+            let spec = Spec {
+                name: "rps",
+                mode,
+                setup: Setup::tcp(n),
+                proxies: peers::rows(&opts.peers, variants, false),
+                against: Against::BestTcpPeer,
+            };
+            failures.extend(table(opts, &wrk, backend.addr, work, &spec));
         }
     }
+    finish_backend(backend);
+    failures
+}
+
+/// Stop the rps backend and say if its logs had trouble.
+pub fn finish_backend(backend: Running) {
     let finished = backend.finish();
     if let Some(note) = problems_note("rps backend (nginx)", &finished.problems) {
         println!("  note: {note}");
     }
+}
+
+/// Run one table's rows, interleaved, `opts.runs` times, and print it;
+/// the checks that failed.
+pub fn table(
+    opts: &Options,
+    wrk: &Path,
+    backend: SocketAddr,
+    work: &Path,
+    spec: &Spec,
+) -> Vec<String> {
+    let http = spec.setup.http;
+    let mut rows: Vec<Row> = std::iter::once(None)
+        .chain(spec.proxies.iter().copied().map(Some))
+        .map(|proxy| Row {
+            label: proxy.map_or("direct (nginx backend)".into(), |p| p.label(http)),
+            proxy,
+            skipped: None,
+            runs: Vec::new(),
+            problems: Vec::new(),
+            scrapes: Vec::new(),
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let workers = spec.setup.workers;
+    for run in 0..opts.runs {
+        for i in run_order(rows.len(), 1, run) {
+            let row = &mut rows[i];
+            if row.skipped.is_some() {
+                continue;
+            }
+            let cell = format!(
+                "{}, {}, {workers} worker(s), {}, run {}",
+                spec.name,
+                spec.mode.name(),
+                row.label,
+                run + 1
+            );
+            match one(row, wrk, spec, secs(opts), backend, work) {
+                Ok(Some(r)) => {
+                    if r.requests == 0 {
+                        failures.push(format!("{cell}: no request completed"));
+                    } else if r.errors() > 0 {
+                        failures.push(format!(
+                            "{cell}: {} failed request(s) (non-2xx {}, connect {}, read {}, write {})",
+                            r.errors(),
+                            r.non_2xx,
+                            r.connect,
+                            r.read,
+                            r.write
+                        ));
+                    }
+                    row.runs.push(r);
+                }
+                Ok(None) => {}
+                Err(e) => failures.push(format!("{cell}: {e}")),
+            }
+            if let Some(scrapes) = row.scrapes.last() {
+                failures.extend(
+                    scrapes
+                        .failures
+                        .first()
+                        .map(|e| format!("{cell}: a scrape of /metrics failed: {e}")),
+                );
+            }
+        }
+    }
+    print(opts, spec, &rows);
     failures
 }
 
@@ -163,15 +252,14 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
 fn one(
     row: &mut Row,
     wrk: &Path,
-    mode: Mode,
-    workers: usize,
+    spec: &Spec,
     secs: u64,
     backend: SocketAddr,
     work: &Path,
 ) -> Result<Option<WrkRun>, String> {
-    let proxy = match row.peer {
+    let proxy = match row.proxy {
         None => None,
-        Some(peer) => match peer.start(backend, workers, Logs::Problems, work) {
+        Some(proxy) => match proxy.start(backend, spec.setup, work) {
             Ok(p) => Some(p),
             Err(why) => {
                 row.skipped = Some(why);
@@ -180,37 +268,64 @@ fn one(
         },
     };
     let addr = proxy.as_ref().map_or(backend, |p| p.addr);
-    let result = check_index(addr).and_then(|()| run_wrk(wrk, addr, mode, secs, work));
+    let scraper = proxy.as_ref().and_then(|p| p.metrics).map(Scraper::start);
+    let result = check_index(addr).and_then(|()| run_wrk(wrk, addr, spec.mode, secs, work));
+    if let Some(scraper) = scraper {
+        row.scrapes.push(scraper.finish());
+    }
     if let Some(p) = proxy {
         row.problems.extend(p.finish().problems);
     }
     result.map(Some)
 }
 
-fn print(opts: &Options, mode: Mode, workers: usize, secs: u64, rows: &[Row]) {
+fn print(opts: &Options, spec: &Spec, rows: &[Row]) {
     let rps = |r: &Row| {
         (!r.runs.is_empty()).then(|| median(&r.runs.iter().map(|w| w.rps).collect::<Vec<_>>()))
     };
-    let best_tcp = rows
+    let reference = match spec.against {
+        Against::BestTcpPeer => rows
+            .iter()
+            .filter(|r| r.proxy.is_some_and(|p| peers::TCP_PEERS.contains(&p.peer)))
+            .filter_map(rps)
+            .reduce(f64::max),
+        Against::NginxHttp => rows
+            .iter()
+            .find(|r| r.proxy.is_some_and(|p| p.peer == Peer::NginxHttp))
+            .and_then(rps),
+    };
+    let shipped = Proxy {
+        peer: Peer::Spillway,
+        variant: Variant::Shipped,
+    };
+    let spillway = rows.iter().find(|r| r.proxy == Some(shipped)).and_then(rps);
+    // The column that prices logging and metrics, when there is a row
+    // to price.
+    let variants = rows
         .iter()
-        .filter(|r| r.peer.is_some_and(|p| peers::TCP_PEERS.contains(&p)))
-        .filter_map(rps)
-        .reduce(f64::max);
+        .any(|r| r.proxy.is_some_and(|p| p.variant != Variant::Shipped));
+    let (against, against_note) = match spec.against {
+        Against::BestTcpPeer => (
+            "x best TCP peer",
+            "x best TCP peer: against the faster of nginx stream and HAProxy tcp",
+        ),
+        Against::NginxHttp => ("x nginx http", "x nginx http: against nginx http's req/s"),
+    };
+    let mut header = vec!["", "req/s", against];
+    if variants {
+        header.push("x spillway");
+    }
+    header.extend(["p50 ms", "p99 ms", "errors", "timeouts"]);
     let mut table = Table::new(
         format!(
-            "rps, {}: wrk -t{THREADS} -c{CONNECTIONS} -d{secs}s, {INDEX_LEN}B file, proxies at {workers} worker(s), median of {} run(s)",
-            mode.name(),
+            "{}, {}: wrk -t{THREADS} -c{CONNECTIONS} -d{}s, {INDEX_LEN}B file, proxies at {} worker(s), median of {} run(s)",
+            spec.name,
+            spec.mode.name(),
+            secs(opts),
+            spec.setup.workers,
             opts.runs
         ),
-        &[
-            "",
-            "req/s",
-            "x best TCP peer",
-            "p50 ms",
-            "p99 ms",
-            "errors",
-            "timeouts",
-        ],
+        &header,
     );
     for row in rows {
         if let Some(why) = &row.skipped {
@@ -225,18 +340,34 @@ fn print(opts: &Options, mode: Mode, workers: usize, secs: u64, rows: &[Row]) {
             }
         };
         let r = rps(row);
-        table.row(vec![
+        let mut cells = vec![
             row.label.clone(),
             r.map_or("-".into(), |v| format!("{v:.0}")),
-            ratio(r, best_tcp),
+            ratio(r, reference),
+        ];
+        if variants {
+            let priced = row.proxy.is_some_and(|p| p.peer == Peer::Spillway);
+            cells.push(if priced {
+                ratio(r, spillway)
+            } else {
+                "-".into()
+            });
+        }
+        cells.extend([
             med(|w| w.p50_ms),
             med(|w| w.p99_ms),
             row.runs.iter().map(WrkRun::errors).sum::<u64>().to_string(),
             row.runs.iter().map(|w| w.timeout).sum::<u64>().to_string(),
         ]);
+        table.row(cells);
         table.notes_extend(problems_note(&row.label, &row.problems));
+        table.notes_extend(scrape::note(&row.label, &row.scrapes));
     }
-    table.note("x best TCP peer: against the faster of nginx stream and HAProxy tcp; errors and timeouts: summed over the runs");
+    let mut note = format!("{against_note}; errors and timeouts: summed over the runs");
+    if variants {
+        note.push_str("; x spillway: against spillway as shipped (INFO logs, no metrics)");
+    }
+    table.note(note);
     table.print();
 }
 
@@ -255,7 +386,7 @@ fn index_body() -> Vec<u8> {
 }
 
 /// nginx serving `index.html`, one worker per core.
-fn start_backend(work: &Path) -> Result<Running, String> {
+pub fn start_backend(work: &Path) -> Result<Running, String> {
     let dir = peers::fresh_dir(work, "rps-backend")?;
     let www = dir.join("www");
     fs::create_dir_all(&www).map_err(|e| format!("{}: {e}", www.display()))?;

@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::backend::{self, HttpBackend, Pace};
-use crate::peers::{Logs, Peer};
+use crate::peers::{self, Peer, Proxy, Setup, Variant};
 use crate::report::{Table, median, median_bytes, mib, percentile, problems_note, ratio};
 use crate::{Options, run_order};
 
@@ -51,7 +51,7 @@ const SMOKE: Params = Params {
 
 struct Row {
     label: String,
-    peer: Option<Peer>,
+    proxy: Option<Proxy>,
     pace: Pace,
     skipped: Option<String>,
     hold_p50_ms: Vec<f64>,
@@ -66,10 +66,10 @@ struct Row {
 }
 
 impl Row {
-    fn new(label: &str, peer: Option<Peer>, pace: Pace) -> Row {
+    fn new(label: &str, proxy: Option<Proxy>, pace: Pace) -> Row {
         Row {
             label: label.to_string(),
-            peer,
+            proxy,
             pace,
             skipped: None,
             hold_p50_ms: Vec::new(),
@@ -96,10 +96,9 @@ pub fn run(opts: &Options, work: &Path) -> Vec<String> {
         Row::new("direct, fast clients", None, Pace::Fast),
     ];
     rows.extend(
-        opts.peers
-            .iter()
-            .copied()
-            .map(|peer| Row::new(peer.name(), Some(peer), paced)),
+        peers::rows(&opts.peers, &[Variant::Shipped], false)
+            .into_iter()
+            .map(|proxy| Row::new(&proxy.label(false), Some(proxy), paced)),
     );
     let mut failures = Vec::new();
     for run in 0..opts.runs {
@@ -124,9 +123,9 @@ fn one(
     backend: &HttpBackend,
     work: &Path,
 ) -> Option<String> {
-    let proxy = match row.peer {
+    let proxy = match row.proxy {
         None => None,
-        Some(peer) => match peer.start(backend.addr, 1, Logs::PerConnection, work) {
+        Some(proxy) => match proxy.start(backend.addr, Setup::tcp(1), work) {
             Ok(proxy) => Some(proxy),
             Err(why) => {
                 row.skipped = Some(why);
@@ -203,11 +202,11 @@ fn print(opts: &Options, p: &Params, rows: &[Row]) {
     let p99 = |r: &Row| (!r.hold_p99_ms.is_empty()).then(|| median(&r.hold_p99_ms));
     let fast = rows
         .iter()
-        .find(|r| r.peer.is_none() && matches!(r.pace, Pace::Fast))
+        .find(|r| r.proxy.is_none() && matches!(r.pace, Pace::Fast))
         .and_then(p99);
     let nginx_http = rows
         .iter()
-        .find(|r| r.peer == Some(Peer::NginxHttp))
+        .find(|r| r.proxy.is_some_and(|p| p.peer == Peer::NginxHttp))
         .and_then(p99);
     let mut table = Table::new(
         format!(
