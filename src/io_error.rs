@@ -65,8 +65,38 @@ pub fn describe_connect_error(e: &io::Error) -> String {
 /// pipe)" or the error.
 pub fn describe(e: &io::Error) -> String {
     match e.kind() {
-        io::ErrorKind::ConnectionReset => "reset".to_string(),
+        // ENOTCONN: a shutdown or write on a socket the peer already reset
+        // (counted as a reset in the metrics too).
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::NotConnected
+        | io::ErrorKind::ConnectionAborted => "reset".to_string(),
         io::ErrorKind::BrokenPipe => "closed (broken pipe)".to_string(),
         _ => format!("error: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error counted as a normal close reads as one in the close
+    /// line: no "error: Transport endpoint is not connected" for a client
+    /// that reset before its shutdown.
+    #[test]
+    fn normal_closes_are_described_as_such() {
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::NotConnected,
+        ] {
+            let e = io::Error::from(kind);
+            assert!(is_normal_close(&e));
+            assert!(
+                !describe(&e).starts_with("error"),
+                "{kind:?}: {}",
+                describe(&e)
+            );
+        }
     }
 }
