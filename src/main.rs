@@ -82,7 +82,8 @@ struct Cli {
 
     /// What a direction carrying bulk (its memory filled, or it spilled) may
     /// grow its memory to, while --max-memory has room; given back when it
-    /// empties. Equal to --memory-buffer: no growth [default: 1MiB, or
+    /// empties. Bytes spillway parses (HTTP framing) keep to --memory-buffer.
+    /// Equal to --memory-buffer: no growth [default: 1MiB, or
     /// --memory-buffer if larger]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_buffer_max: Option<u64>,

@@ -112,9 +112,6 @@ pub struct SpillBuffer {
     mem_base: usize,
     /// `--memory-buffer-max`.
     mem_max: usize,
-    /// The sender has had a whole memory's worth waiting, or bytes went
-    /// to disk: a bulk transfer, which gains from larger steps.
-    bulk: bool,
     mem_head: usize,
     mem_len: usize,
     /// Memory held in the kernel instead of `mem` (never both at once).
@@ -150,7 +147,6 @@ impl SpillBuffer {
             mem_limit,
             mem_base: mem_limit,
             mem_max: mem_limit,
-            bulk: false,
             mem_head: 0,
             mem_len: 0,
             pipe: None,
@@ -171,10 +167,14 @@ impl SpillBuffer {
     }
 
     /// Before memory is taken anew (none held): a direction that has shown
-    /// bulk gets `mem_max` if the budget has room for it, any other (or
-    /// bulk without room) `mem_base`. Larger steps halve the system calls
-    /// per byte of a bulk transfer; an idle or small direction never holds
-    /// more than `--memory-buffer`, since empty memory is given back.
+    /// bulk (`Splice::Yes`: a read that filled memory, or a spill) gets
+    /// `mem_max` if the budget has room for it, any other (or bulk without
+    /// room) `mem_base`. Larger steps halve the system calls per byte of a
+    /// bulk transfer; an idle or small direction never holds more than
+    /// `--memory-buffer`, since empty memory is given back. A buffer that
+    /// is looked into (`Splice::Never`: HTTP heads and bodies it frames)
+    /// does not grow: it is parsed, not moved, and bigger steps would buy
+    /// it memory, not fewer system calls.
     fn size_memory(&mut self) {
         if self.mem_max == self.mem_base
             || self.memory_len() > 0
@@ -184,7 +184,7 @@ impl SpillBuffer {
             return;
         }
         let room = |b: &Arc<Budget>| b.has_room(self.mem_max as u64);
-        let want = if self.bulk && self.mem_budget.as_ref().is_none_or(room) {
+        let want = if self.splice == Splice::Yes && self.mem_budget.as_ref().is_none_or(room) {
             self.mem_max
         } else {
             self.mem_base
@@ -413,12 +413,9 @@ impl SpillBuffer {
                 Fill::Took(n) => {
                     self.short_read = start + n < end;
                     self.mem_len += n;
-                    if self.mem_len == self.mem_limit {
+                    if self.mem_len == self.mem_limit && self.splice == Splice::NotYet {
                         // The sender had a whole memory's worth waiting.
-                        self.bulk = true;
-                        if self.splice == Splice::NotYet {
-                            self.splice = Splice::Yes;
-                        }
+                        self.splice = Splice::Yes;
                     }
                     self.check_invariants();
                     Fill::Took(n)
@@ -447,7 +444,6 @@ impl SpillBuffer {
             Fill::Took(n) => match self.file.append(&scratch[..n]) {
                 Ok(()) => {
                     self.short_read = n < want;
-                    self.bulk = true;
                     if self.splice == Splice::NotYet {
                         self.splice = Splice::Yes;
                     }
