@@ -815,6 +815,11 @@ fn take<R: Sender>(dir: &mut Direction, src: &mut Peer<R>, scratch: &mut [u8]) -
         }
         // The sender may still have bytes: keep its readiness; memory
         // counts as full until the receiver takes some.
+        // From an empty buffer, Full is a claim on --max-memory lost to
+        // another worker between `has_room` and the charge: look again
+        // (the next round sees the budget as it is now, and an empty
+        // budget makes the direction `memory_blocked`, a space waiter).
+        Fill::Full if dir.buf.is_empty() => Step::Moved,
         Fill::Full => Step::Still,
         // Memory is full and disk is not to be had: stop reading.
         // `readable` stays set; the event loop retries when space may

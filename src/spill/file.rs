@@ -117,6 +117,11 @@ impl SpillFile {
         self.blocked.as_deref()
     }
 
+    /// The space `make_room` could not get was not needed after all.
+    pub fn clear_blocked(&mut self) {
+        self.blocked = None;
+    }
+
     /// Disk held now: reserved or written, not yet released.
     pub fn disk_charge(&self) -> u64 {
         self.reserved - self.punched

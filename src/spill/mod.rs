@@ -347,6 +347,8 @@ impl SpillBuffer {
                 budget.release(self.mem_limit as u64);
             }
             self.mem_charged = false;
+            // size_memory grows it again when it is taken anew with room.
+            self.mem_limit = self.mem_base;
         }
     }
 
@@ -475,29 +477,44 @@ impl SpillBuffer {
                     true
                 });
         if to_memory {
-            if let Err(e) = self.pipe_to_memory() {
-                return Fill::SpillFailed(e);
-            }
-            self.make_tail_room();
-            let start = self.mem_head + self.mem_len;
-            let n = (self.mem_limit - start).min(bytes.len());
-            self.mem[start..start + n].copy_from_slice(&bytes[..n]);
-            self.mem_len += n;
-            self.check_invariants();
-            return Fill::Took(n);
+            return self.push_to_memory(bytes);
         }
         if self.file.room() == 0 {
             return Fill::Full;
         }
-        self.note_spill();
         let want = self.file.room().min(bytes.len() as u64) as usize;
         match self.file.make_room(want) {
-            Ok(n) => match self.file.append(&bytes[..n]) {
-                Ok(()) => Fill::Took(n),
-                Err(e) => Fill::SpillFailed(e),
-            },
+            Ok(n) => {
+                self.note_spill();
+                match self.file.append(&bytes[..n]) {
+                    Ok(()) => Fill::Took(n),
+                    Err(e) => Fill::SpillFailed(e),
+                }
+            }
+            // Our bytes cannot wait for disk: memory all the same while
+            // nothing is on disk (so nothing is overtaken). Disk was not
+            // needed after all: no "cannot spill" for this.
+            Err(_) if self.memory_room_unbudgeted() > 0 => {
+                self.file.clear_blocked();
+                self.force_memory();
+                self.push_to_memory(bytes)
+            }
             Err(cause) => Fill::NoDisk(cause),
         }
+    }
+
+    /// `push` into memory, whose room (and charge) the caller saw to.
+    fn push_to_memory(&mut self, bytes: &[u8]) -> Fill {
+        if let Err(e) = self.pipe_to_memory() {
+            return Fill::SpillFailed(e);
+        }
+        self.make_tail_room();
+        let start = self.mem_head + self.mem_len;
+        let n = (self.mem_limit - start).min(bytes.len());
+        self.mem[start..start + n].copy_from_slice(&bytes[..n]);
+        self.mem_len += n;
+        self.check_invariants();
+        Fill::Took(n)
     }
 
     /// The oldest bytes held, without taking them: as many as are in
@@ -678,6 +695,8 @@ impl SpillBuffer {
                 return Drain::Empty;
             }
             if let Some(done) = fd.and_then(|fd| self.file.send_head(fd, unit)) {
+                // An emptied buffer holds no memory (nor its charge).
+                self.after_memory_drained();
                 self.check_invariants();
                 return done;
             }
@@ -1456,6 +1475,92 @@ mod tests {
             drop(buf);
             assert_eq!(memory.used(), 0, "{limit:?}: all returned");
         }
+    }
+
+    /// Our own bytes (a head, a canned answer) into an empty buffer while
+    /// `--max-memory` is spent and disk refuses too: memory all the same,
+    /// never dropped. (Found by review: they were refused, and a caller
+    /// pushing a head or a PROXY header lost it.)
+    #[test]
+    fn our_bytes_go_to_memory_when_the_budget_and_the_disk_refuse() {
+        let (_dir, path) = temp_dir();
+        let memory = Arc::new(Budget::new(Some(1024)));
+        let no_disk = Arc::new(Budget::new(Some(0)));
+        let mut a =
+            SpillBuffer::new(1024, 1 << 20, path.clone(), unlimited()).with_memory_budget(&memory);
+        let mut scratch = vec![0u8; 4096];
+        assert_eq!(
+            a.fill_from(&mut &[7u8; 4096][..], &mut scratch).took(),
+            1024
+        );
+        let mut c = SpillBuffer::new(1024, 1 << 20, path, no_disk).with_memory_budget(&memory);
+        let head = b"HTTP/1.1 200 OK\r\n\r\n";
+        assert!(matches!(c.push(head), Fill::Took(19)));
+        assert!(c.disk_blocked().is_none(), "disk was not needed after all");
+        let mut out = Vec::new();
+        while let Drain::Gave(_) = c.drain_into(&mut out) {}
+        assert_eq!(out, head);
+        assert_eq!(memory.used(), 1024, "c's overdraft returned once empty");
+    }
+
+    /// A grown buffer that empties asks for `--memory-buffer` again, not
+    /// for the grown size, until it is taken anew: one that may not spill
+    /// is not kept waiting for a whole `--memory-buffer-max` of room.
+    #[test]
+    fn a_grown_buffer_asks_for_its_base_again_once_empty() {
+        let (_dir, path) = temp_dir();
+        let memory = Arc::new(Budget::new(Some(9216)));
+        let data = vec![7u8; 64 * 1024];
+        let mut scratch = vec![0u8; 4096];
+        let mut a = SpillBuffer::new(1024, 0, path.clone(), unlimited())
+            .with_memory_budget(&memory)
+            .with_growth(8192);
+        let mut src = &data[..];
+        let mut sink = Vec::new();
+        assert_eq!(a.fill_from(&mut src, &mut scratch).took(), 1024);
+        while let Drain::Gave(_) = a.drain_into(&mut sink) {}
+        assert_eq!(a.fill_from(&mut src, &mut scratch).took(), 8192, "grown");
+        while let Drain::Gave(_) = a.drain_into(&mut sink) {}
+        let mut b = SpillBuffer::new(2048, 0, path, unlimited()).with_memory_budget(&memory);
+        assert_eq!(b.fill_from(&mut src, &mut scratch).took(), 2048);
+        assert!(
+            a.has_room() && !a.memory_blocked(),
+            "7168 free: enough for a's base"
+        );
+        assert_eq!(a.fill_from(&mut src, &mut scratch).took(), 1024);
+    }
+
+    /// A buffer whose file was sent with `sendfile` until empty gives its
+    /// memory (and its charge) back, as one drained by writes does.
+    #[test]
+    fn a_buffer_emptied_by_sendfile_holds_no_memory() {
+        use std::os::unix::net::UnixStream;
+        let (_dir, path) = temp_dir();
+        let memory = Arc::new(Budget::new(Some(1 << 20)));
+        let data = vec![7u8; 8192];
+        let mut scratch = vec![0u8; 4096];
+        let mut buf =
+            SpillBuffer::new(1024, 1 << 20, path, unlimited()).with_memory_budget(&memory);
+        let mut src = &data[..];
+        assert_eq!(buf.fill_from(&mut src, &mut scratch).took(), 1024);
+        assert!(buf.fill_from(&mut src, &mut scratch).took() > 0);
+        assert!(buf.file_backlog() > 0);
+        let (mut tx, mut rx) = UnixStream::pair().unwrap();
+        tx.set_nonblocking(true).unwrap();
+        let fd = tx.as_raw_fd();
+        let mut sent = 0;
+        loop {
+            match buf.drain(&mut tx, Some(fd), None) {
+                Drain::Gave(n) => sent += n,
+                Drain::Empty => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut got = vec![0u8; sent];
+        rx.read_exact(&mut got).unwrap();
+        assert!(got == data[..sent], "bytes differ");
+        assert!(buf.is_empty() && buf.mem.is_empty() && !buf.mem_charged);
+        assert_eq!(memory.used(), 0);
     }
 
     /// Buffers sharing a budget, filled, pushed into, looked into and
