@@ -889,8 +889,31 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A download size that cannot fit in `held` bytes at the proxy plus every
+/// kernel buffer on its way while the client reads nothing: the backend's
+/// send buffer, the proxy's receive buffer from it (autotuned up to
+/// `tcp_rmem`'s maximum while the proxy reads fast, 32MiB on some machines),
+/// the proxy's send buffer to the client and the client's receive buffer
+/// (not grown: it never reads). So the backend can only finish if the proxy
+/// read past its limit. At least 32MiB.
+fn past_kernel_buffers(held: usize) -> usize {
+    let max_of = |name: &str, index: usize, fallback: usize| {
+        fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(index)?.parse().ok())
+            .unwrap_or(fallback)
+    };
+    let rmem_max = max_of("tcp_rmem", 2, 32 * MIB);
+    let rmem_default = max_of("tcp_rmem", 1, 128 * 1024);
+    let wmem_max = max_of("tcp_wmem", 2, 4 * MIB);
+    let kernel = rmem_max + rmem_default + 2 * wmem_max;
+    (held + kernel + 8 * MIB)
+        .next_multiple_of(MIB)
+        .max(32 * MIB)
+}
+
 /// Test 8: the spill directory is a 4MiB tmpfs and the stalled client's
-/// download is 32MiB: the disk fills (ENOSPC), the direction falls back to
+/// download is larger than it and every kernel buffer on the way: the disk fills (ENOSPC), the direction falls back to
 /// holding what it has and not reading its backend (one WARN naming the
 /// cause), spills again as the client reads, and loses nothing.
 #[test]
@@ -902,7 +925,9 @@ fn a_full_disk_falls_back_to_backpressure_and_loses_nothing() {
             return;
         }
     };
-    let data = Arc::new(random_bytes(84, 32 * MIB));
+    // The proxy holds the 4MiB tmpfs and at most 1MiB in memory (the
+    // default --memory-buffer-max) plus as much again in a pipe.
+    let data = Arc::new(random_bytes(84, past_kernel_buffers(6 * MIB)));
     let (backend, written) = sender(data.clone());
     let mut proxy = Proxy::start_with(
         &["--backend", &backend.arg(), "--memory-buffer", "64KiB"],
@@ -927,7 +952,12 @@ fn a_full_disk_falls_back_to_backpressure_and_loses_nothing() {
         warn.contains("pausing reads from the backend until space frees"),
         "{warn}"
     );
-    assert_eq!(written.load(Ordering::SeqCst), 0, "32MiB fit in 4MiB?");
+    assert_eq!(
+        written.load(Ordering::SeqCst),
+        0,
+        "{} bytes fit in 4MiB and the kernel's buffers?",
+        data.len()
+    );
 
     let got = read_to_eof_varied(&mut client, data.len(), SECS_60);
     assert_bytes_eq("a download through a full disk", &got, &data);
