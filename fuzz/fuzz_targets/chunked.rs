@@ -32,7 +32,11 @@ fuzz_target!(|bytes: &[u8]| {
     };
     let whole = decode(input, input.len());
     let cut = usize::from(seed) * input.len() / 255;
-    assert_eq!(decode(input, cut), whole, "a split at {cut} changed the result");
+    assert_eq!(
+        decode(input, cut),
+        whole,
+        "a split at {cut} changed the result"
+    );
     if let Ok((data, consumed, true)) = whole {
         assert!(consumed <= input.len());
         // Chunked again, in pieces of the seed's size.
