@@ -291,10 +291,10 @@ impl Worker {
         }
     }
 
-    /// The gauges a scrape reads: connections open, memory held.
+    /// The gauge a scrape reads from each worker: memory held. (Connections
+    /// open are the shared `--max-connections` count.)
     fn publish_gauges(&self) {
         let m = &self.shared().metrics[self.index];
-        m.open.set(self.conns.len() as u64);
         m.memory.set(crate::spill::memory_in_use());
     }
 

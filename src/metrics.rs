@@ -157,7 +157,6 @@ pub struct BackendCells {
 /// Everything one worker counts.
 #[derive(Debug)]
 pub struct WorkerMetrics {
-    pub open: Cell,
     closed: [Cell; Outcome::ALL.len()],
     /// Relayed, and spilled, per direction: [up, down].
     pub bytes: [Cell; 2],
@@ -179,7 +178,6 @@ pub struct WorkerMetrics {
 impl WorkerMetrics {
     pub fn new(backends: usize) -> WorkerMetrics {
         WorkerMetrics {
-            open: Cell::default(),
             closed: Default::default(),
             bytes: Default::default(),
             spilled: Default::default(),
@@ -275,7 +273,11 @@ impl Collector for Scrape {
             &mut enc,
             "spillway_connections_open",
             "Client connections open now",
-            sum(&|m| m.open.get()) as i64,
+            // The places taken under --max-connections: one count for
+            // every worker, so a scrape never adds one worker's figure from
+            // before its turn closed connections to another's that took
+            // their places (a sum over the limit).
+            shared.limit.open() as i64,
         )?;
         let closed: Vec<(&str, u64)> = Outcome::ALL
             .iter()
