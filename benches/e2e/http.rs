@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{self, HttpBackend, Pace};
 use crate::peers::{self, Peer, Proxy, Setup, Variant};
-use crate::report::{Table, median, median_bytes, mib, percentile, problems_note, ratio};
+use crate::report::{
+    Table, median, median_bytes, median_cell, mib, percentile, problems_note, ratio,
+};
 use crate::rps::{self, Against, Mode, Spec};
 use crate::{Options, run_order};
 
@@ -386,21 +388,13 @@ fn print(opts: &Options, w: Work, p: &Params, rows: &[Row]) {
             table.note(format!("skipped {}: {why}", row.label));
             continue;
         }
-        let fmt = |v: &[f64], places: usize| {
-            let m = median(v);
-            if m.is_nan() {
-                "-".to_string()
-            } else {
-                format!("{m:.places$}")
-            }
-        };
         table.row(vec![
             row.label.clone(),
-            fmt(&row.busy_p50_ms, 0),
-            fmt(&row.busy_p99_ms, 0),
+            median_cell(&row.busy_p50_ms, 0),
+            median_cell(&row.busy_p99_ms, 0),
             ratio(p99(row), fast),
             ratio(p99(row), nginx_http),
-            fmt(&row.client_p50_s, 2),
+            median_cell(&row.client_p50_s, 2),
             median_bytes(&row.peak_rss_kib).map_or("-".into(), |k| mib(k << 10)),
             ratio(rss(row), nginx_rss),
             median_bytes(&row.spilled).map_or("-".into(), mib),

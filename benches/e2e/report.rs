@@ -9,6 +9,16 @@ pub fn median(v: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The median of `v` with `places` decimals, or "-" if there is none.
+pub fn median_cell(v: &[f64], places: usize) -> String {
+    let m = median(v);
+    if m.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{m:.places$}")
+    }
+}
+
 /// The nearest-rank percentile `p` (0..=100) of `v`; None if empty.
 pub fn percentile(v: &[Duration], p: f64) -> Option<Duration> {
     let mut v = v.to_vec();

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{self, HttpBackend, Pace};
 use crate::peers::{self, Peer, Proxy, Setup, Variant};
-use crate::report::{Table, median, median_bytes, mib, percentile, problems_note, ratio};
+use crate::report::{
+    Table, median, median_bytes, median_cell, mib, percentile, problems_note, ratio,
+};
 use crate::{Options, run_order};
 
 /// SO_RCVBUF of every client and SO_SNDBUF of every backend socket.
@@ -233,21 +235,13 @@ fn print(opts: &Options, p: &Params, rows: &[Row]) {
             table.note(format!("skipped {}: {why}", row.label));
             continue;
         }
-        let fmt = |v: &[f64], places: usize| {
-            let m = median(v);
-            if m.is_nan() {
-                "-".to_string()
-            } else {
-                format!("{m:.places$}")
-            }
-        };
         table.row(vec![
             row.label.clone(),
-            fmt(&row.hold_p50_ms, 0),
-            fmt(&row.hold_p99_ms, 0),
+            median_cell(&row.hold_p50_ms, 0),
+            median_cell(&row.hold_p99_ms, 0),
             ratio(p99(row), fast),
             ratio(p99(row), nginx_http),
-            fmt(&row.client_p50_s, 2),
+            median_cell(&row.client_p50_s, 2),
             median_bytes(&row.peak_rss_kib).map_or("-".into(), |k| mib(k << 10)),
             median_bytes(&row.spilled).map_or("-".into(), mib),
             if row.exact_runs == row.runs_done {
