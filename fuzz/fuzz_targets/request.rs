@@ -129,19 +129,17 @@ fuzz_target!(|bytes: &[u8]| {
     // parser sets: then, and only then, it is 431 the second time.
     let fields = |head: &[u8]| head.windows(2).filter(|w| w == b"\r\n").count() - 2;
     let ours = fields(&upstream);
+    let mut again = upstream;
+    again.extend_from_slice(&body);
     if ours > MAX_FIELDS {
         let theirs = fields(&input[..input.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4]);
         assert!(ours <= theirs + 6, "{theirs} fields became {ours}");
-        let mut again = upstream;
-        again.extend_from_slice(&body);
         assert_eq!(
             read(&again, again.len(), 2 * MAX_HEAD),
             Outcome::Refused(431)
         );
         return;
     }
-    let mut again = upstream;
-    again.extend_from_slice(&body);
     // Our head adds X-Forwarded-* (and maybe Host): room for them.
     match read(&again, again.len(), 2 * MAX_HEAD) {
         Outcome::Accepted {
